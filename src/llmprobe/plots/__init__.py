@@ -1,0 +1,2 @@
+"""Matplotlib figures for llmprobe tables. Every function returns a Figure; the CLI saves it with
+``RunOutput.save_figure``."""

@@ -1,0 +1,72 @@
+"""Progress bars with ETA on stderr, silenced by ``--quiet`` (or when stderr is not a terminal
+and LLMPROBE_PROGRESS is unset, so logs in CI stay clean)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+
+T = TypeVar("T")
+
+_state = {"quiet": False}
+stderr_console = Console(stderr=True)
+
+
+def set_quiet(quiet: bool) -> None:
+    _state["quiet"] = quiet
+    if quiet:
+        silence_libraries()
+
+
+def silence_libraries() -> None:
+    """transformers and huggingface_hub print their own tqdm bars and warnings; silence them
+    when ours are off (quiet, or output not a terminal)."""
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+        disable_progress_bars()
+    except Exception:  # pragma: no cover - both are always installed in practice
+        pass
+
+
+def is_quiet() -> bool:
+    if _state["quiet"]:
+        return True
+    forced = os.environ.get("LLMPROBE_PROGRESS")
+    if forced is not None:
+        return forced == "0"
+    return not sys.stderr.isatty()
+
+
+def track(iterable: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
+    """Iterate with a rich progress bar (count, elapsed, ETA) unless quiet."""
+    if is_quiet():
+        yield from iterable
+        return
+    if total is None:
+        try:
+            total = len(iterable)  # type: ignore[arg-type]
+        except TypeError:
+            total = None
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
+    with Progress(*columns, console=stderr_console, transient=True) as progress:
+        task = progress.add_task(description, total=total)
+        for item in iterable:
+            yield item
+            progress.advance(task)
+
+
+def info(message: str) -> None:
+    """A status line on stderr, unless quiet (or stderr is not a terminal)."""
+    if not is_quiet():
+        stderr_console.print(message, highlight=False)

@@ -1,0 +1,369 @@
+"""Weight source: ``(name, tensor)`` one tensor at a time, without building the model.
+
+Memory stays near the size of one tensor whatever the checkpoint size: safetensors shards are
+opened lazily and read tensor by tensor; GGUF tensors are memory-mapped and dequantized one at
+a time. Names are always the Hugging Face parameter names (GGUF names such as
+``blk.0.attn_q.weight`` are mapped back, and llama.cpp's rotary permutation of q/k is undone),
+so rows from a GGUF file line up with rows from the original checkpoint.
+
+Sources: a local directory (``*.safetensors`` with or without an index; ``pytorch_model*.bin``
+through ``weights_only`` loading as a last resort), a hub id (safetensors files fetched through
+the hub cache), a ``.gguf`` file, the embedded model, or an in-memory ``nn.Module``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Iterator
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import LLMProbeError
+from .loading import ModelSource, cache_root, load_config, resolve_source
+
+
+
+class WeightSource:
+    """Uniform read access to a checkpoint's tensors. Create with :meth:`open` or :meth:`from_model`."""
+
+    kind: str
+
+    # -- construction ---------------------------------------------------------------------
+    @staticmethod
+    def open(model: ModelSource | str | None = None, *, revision: str | None = None,
+             trust_remote_code: bool = False) -> WeightSource:
+        source = model if isinstance(model, ModelSource) else resolve_source(
+            model, revision=revision, trust_remote_code=trust_remote_code)
+        if source.kind in ("embedded", "gguf"):
+            converted = _existing_conversion(source)
+            if converted is not None:  # dequantized once already: plain fp32 safetensors, fastest
+                return SafetensorsSource(converted, source)
+            return GGUFSource(source)
+        if source.kind == "local":
+            return SafetensorsSource(Path(source.location), source)
+        return SafetensorsSource(_hub_snapshot(source), source)
+
+    @staticmethod
+    def from_model(model: torch.nn.Module) -> WeightSource:
+        return ModelWeights(model)
+
+    # -- interface ------------------------------------------------------------------------
+    source: ModelSource | None = None
+
+    def names(self) -> list[str]:
+        raise NotImplementedError
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def stored_dtype(self, name: str) -> str:
+        raise NotImplementedError
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor, as stored (dequantized to fp32 for GGUF quant types), on CPU."""
+        raise NotImplementedError
+
+    def config(self):
+        return load_config(self.source)
+
+    def bytes_on_disk(self) -> int:
+        return 0
+
+    # -- shared helpers -------------------------------------------------------------------
+    def select(self, regex: str | None = None, *, min_dim: int = 1, max_dim: int | None = None) -> list[str]:
+        """Names matching ``regex`` (re.search) with ndim in [min_dim, max_dim]."""
+        pattern = compile_regex(regex)
+        chosen = []
+        for name in self.names():
+            ndim = len(self.shape(name))
+            if ndim < min_dim or (max_dim is not None and ndim > max_dim):
+                continue
+            if pattern is None or pattern.search(name):
+                chosen.append(name)
+        return chosen
+
+    def iter_tensors(self, names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in (self.names() if names is None else names):
+            yield name, self.get(name)
+
+    @cached_property
+    def module_map(self):
+        """The module map of this checkpoint's architecture, built on the meta device (no memory)."""
+        from .modulemap import ModuleMap
+
+        if isinstance(self, ModelWeights):
+            return ModuleMap(self.model)
+        trust = bool(self.source and self.source.trust_remote_code)
+        return ModuleMap.from_config(self.config(), trust_remote_code=trust)
+
+
+def compile_regex(regex: str | None) -> re.Pattern | None:
+    if regex is None or regex == "":
+        return None
+    try:
+        return re.compile(regex)
+    except re.error as exc:
+        raise LLMProbeError(f"bad regex '{regex}': {exc}") from None
+
+
+def no_match_error(regex: str | None, names: list[str], what: str = "tensor") -> LLMProbeError:
+    sample = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+    return LLMProbeError(f"no {what} matches '{regex}'; names look like: {sample}")
+
+
+# --------------------------------------------------------------------------------------------
+# safetensors (and .bin as a last resort)
+
+
+class SafetensorsSource(WeightSource):
+    kind = "safetensors"
+
+    def __init__(self, directory: Path, source: ModelSource | None = None):
+        self.directory = Path(directory)
+        self.source = source
+        self._where: dict[str, Path] = {}
+        self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
+        files = self._shard_files()
+        if not files:
+            bins = sorted(self.directory.glob("pytorch_model*.bin"))
+            if not bins:
+                raise LLMProbeError(f"no *.safetensors (or pytorch_model*.bin) weights in {self.directory}")
+            self.kind = "bin"
+            self._bins = bins
+            self._index_bins()
+            return
+        self._index_safetensors(files)
+
+    def _shard_files(self) -> list[Path]:
+        index = self.directory / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as exc:
+                raise LLMProbeError(f"corrupt safetensors index {index}: {exc}") from None
+            files = sorted({self.directory / f for f in weight_map.values()})
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise LLMProbeError(f"{index.name} names shards that are missing: {', '.join(missing[:3])}")
+            return files
+        return sorted(self.directory.glob("*.safetensors"))
+
+    def _index_safetensors(self, files: list[Path]) -> None:
+        from safetensors import safe_open
+
+        for file in files:
+            try:
+                with safe_open(str(file), framework="pt") as handle:
+                    for name in handle.keys():
+                        sl = handle.get_slice(name)
+                        self._where[name] = file
+                        self._meta[name] = (tuple(sl.get_shape()), str(sl.get_dtype()))
+            except Exception as exc:  # safetensors raises its own error types for bad headers
+                raise LLMProbeError(f"corrupt or truncated safetensors file {file}: {exc}") from None
+
+    def _index_bins(self) -> None:
+        # Pickle checkpoints are only ever read with weights_only=True (no arbitrary code);
+        # mmap keeps memory near one tensor for zip-format files.
+        for file in self._bins:
+            state = self._load_bin(file)
+            for name, tensor in state.items():
+                self._where[name] = file
+                self._meta[name] = (tuple(tensor.shape), str(tensor.dtype).replace("torch.", ""))
+            del state
+
+    @staticmethod
+    def _load_bin(file: Path) -> dict:
+        try:
+            return torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:
+            raise LLMProbeError(f"cannot read {file} with weights_only loading: {str(exc).splitlines()[0]}") from None
+
+    def names(self) -> list[str]:
+        return list(self._meta)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._meta[name][0]
+
+    def stored_dtype(self, name: str) -> str:
+        return self._meta[name][1]
+
+    def get(self, name: str) -> torch.Tensor:
+        file = self._where[name]
+        if self.kind == "bin":
+            return self._load_bin(file)[name].clone()
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                return handle.get_tensor(name)
+        except Exception as exc:
+            raise LLMProbeError(f"cannot read tensor {name} from {file}: {exc}") from None
+
+    def config(self):
+        if (self.directory / "config.json").is_file():
+            from transformers import AutoConfig
+
+            trust = bool(self.source and self.source.trust_remote_code)
+            try:
+                return AutoConfig.from_pretrained(str(self.directory), trust_remote_code=trust)
+            except Exception as exc:
+                raise LLMProbeError(f"cannot read {self.directory / 'config.json'}: {exc}") from None
+        return super().config()
+
+    def bytes_on_disk(self) -> int:
+        return sum(f.stat().st_size for f in set(self._where.values()))
+
+
+def _existing_conversion(source: ModelSource) -> Path | None:
+    from .loading import EMBEDDED_NAME, _gguf_key
+
+    gguf = source.gguf_path
+    name = EMBEDDED_NAME if source.kind == "embedded" else gguf.stem
+    target = cache_root() / "models" / f"{name}-{_gguf_key(gguf)}"
+    return target if (target / "llmprobe-converted.json").is_file() else None
+
+
+def _hub_snapshot(source: ModelSource) -> Path:
+    from huggingface_hub import snapshot_download
+
+    kwargs = source.hf_kwargs()
+    kwargs.pop("trust_remote_code", None)
+    try:
+        path = snapshot_download(source.location, allow_patterns=["*.safetensors", "*.json"], **kwargs)
+    except Exception as exc:
+        from .loading import _hub_failure
+
+        raise _hub_failure(source, exc) from None
+    return Path(path)
+
+
+# --------------------------------------------------------------------------------------------
+# GGUF
+
+
+class GGUFSource(WeightSource):
+    """Tensors of a GGUF file, dequantized one at a time, under their Hugging Face names."""
+
+    kind = "gguf"
+
+    def __init__(self, source: ModelSource):
+        self.source = source
+        self.path = Path(source.gguf_path)
+        try:
+            import gguf
+        except ImportError:
+            raise LLMProbeError("reading GGUF files needs the package gguf: pip install gguf") from None
+        try:
+            self._reader = gguf.GGUFReader(str(self.path))
+        except Exception as exc:
+            raise LLMProbeError(f"corrupt or truncated GGUF file {self.path}: {exc}") from None
+        self._tensors = {t.name: t for t in self._reader.tensors}
+        self._arch = self._field("general.architecture")
+        self._hf_to_gguf = self._name_map()
+        self._gguf_to_hf = {g: h for h, g in self._hf_to_gguf.items()}
+
+    def _field(self, key: str):
+        field = self._reader.fields.get(key)
+        if field is None:
+            return None
+        value = field.parts[field.data[0]]
+        return bytes(value).decode() if value.dtype == np.uint8 else value.tolist()[0]
+
+    def _name_map(self) -> dict[str, str]:
+        """HF parameter name -> GGUF tensor name, from gguf's own name tables."""
+        import gguf
+
+        arch = next((a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == self._arch), None)
+        if arch is None:
+            raise LLMProbeError(f"GGUF architecture '{self._arch}' is not known to the gguf package")
+        blocks = int(self._field(f"{self._arch}.block_count") or 0)
+        table = gguf.get_tensor_name_map(arch, blocks)
+        mapping = {}
+        for hf_name in self._hf_names():
+            gguf_name = table.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            if gguf_name in self._tensors:
+                mapping[hf_name] = gguf_name
+        return mapping
+
+    def _hf_names(self) -> list[str]:
+        from .modulemap import ModuleMap
+
+        mmap = ModuleMap.from_config(self.config())
+        return [name for name, _ in mmap.model.named_parameters(remove_duplicate=False)]
+
+    def names(self) -> list[str]:
+        # GGUF tensors with no HF counterpart (rope tables, say) keep their GGUF name.
+        mapped = [self._gguf_to_hf.get(name, name) for name in self._tensors]
+        return mapped
+
+    def _tensor(self, name: str):
+        return self._tensors[self._hf_to_gguf.get(name, name)]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        # GGUF lists dimensions fastest-first; torch lists them slowest-first.
+        return tuple(int(d) for d in reversed(self._tensor(name).shape))
+
+    def stored_dtype(self, name: str) -> str:
+        return self._tensor(name).tensor_type.name
+
+    def get(self, name: str) -> torch.Tensor:
+        from gguf.quants import dequantize
+
+        tensor = self._tensor(name)
+        values = dequantize(tensor.data, tensor.tensor_type)
+        # F32/F16 tensors come back as read-only views of the memory map: copy those.
+        values = np.asarray(values, dtype=np.float32)
+        if not values.flags.writeable:
+            values = values.copy()
+        out = torch.from_numpy(values).reshape(self.shape(name))
+        return self._undo_rotary_permutation(name, tensor.name, out)
+
+    def _undo_rotary_permutation(self, hf_name: str, gguf_name: str, weight: torch.Tensor) -> torch.Tensor:
+        # llama.cpp's converter reorders the rows of Llama q/k projections (interleaved rotary
+        # pairs); put them back in Hugging Face order so values match the original checkpoint.
+        if self._arch not in ("llama", "mistral") or weight.dim() != 2:
+            return weight
+        if ".attn_q." in gguf_name:
+            heads = int(self._field(f"{self._arch}.attention.head_count"))
+        elif ".attn_k." in gguf_name:
+            heads = int(self._field(f"{self._arch}.attention.head_count_kv")
+                        or self._field(f"{self._arch}.attention.head_count"))
+        else:
+            return weight
+        rows, cols = weight.shape
+        return weight.reshape(heads, rows // heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+    def bytes_on_disk(self) -> int:
+        return self.path.stat().st_size
+
+
+# --------------------------------------------------------------------------------------------
+# an in-memory model
+
+
+class ModelWeights(WeightSource):
+    kind = "model"
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.source = None
+        self._params = dict(model.named_parameters())
+
+    def names(self) -> list[str]:
+        return list(self._params)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._params[name].shape)
+
+    def stored_dtype(self, name: str) -> str:
+        return str(self._params[name].dtype).replace("torch.", "")
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._params[name].detach()
+
+    def config(self):
+        return self.model.config
