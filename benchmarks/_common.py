@@ -31,17 +31,24 @@ def best_of(fn, repeats: int = 3) -> float:
 
 def child_peak_rss(code: str, env: dict | None = None) -> tuple[int, str]:
     """Run ``code`` in a fresh Python process; return (peak RSS bytes, stdout)."""
-    wrapper = (code + "\nimport resource, json, sys\n"
-               "sys.stdout.write('\\n__PEAK__' + json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))\n")
+    # VmHWM, not ru_maxrss: on Linux a child's ru_maxrss starts from the parent's peak.
+    wrapper = (code + "\nimport json, sys\n"
+               "_hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
+               "sys.stdout.write('\\n__PEAK__' + _hwm)\n")
     out = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True,
                          env={**os.environ, **(env or {})})
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-3000:])
     body, _, peak = out.stdout.rpartition("\n__PEAK__")
-    return int(json.loads(peak)) * 1024, body  # ru_maxrss is in KiB on Linux
+    return int(json.loads(peak)) * 1024, body  # VmHWM is in KiB
 
 
 def self_peak_rss() -> int:
+    """This process's peak RSS in bytes (VmHWM)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM"):
+                return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

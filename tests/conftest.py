@@ -18,6 +18,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("LLMPROBE_PROGRESS", "0")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one worker per core: more than one intra-op thread per worker only
+    # oversubscribes the cores (tiny models run many times slower that way).
+    import torch
+
+    torch.set_num_threads(1)
+
 
 class CliResult:
     def __init__(self, code: int, stdout: str, stderr: str):

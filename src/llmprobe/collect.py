@@ -18,6 +18,7 @@ under their shared ``input_group`` key; everything else is keyed by module name.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -67,10 +68,20 @@ class TokenFilter:
         return keep
 
 
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "s": " ", "\\": "\\"}
+
+
+def unescape_token(text: str) -> str:
+    r"""Read ``\n``, ``\t``, ``\r``, ``\s`` (space) and ``\\`` typed on a command line as the
+    characters they name; anything else is kept as typed (no general unicode-escape decoding,
+    which would mangle non-ASCII text)."""
+    return re.sub(r"\\([ntrs\\])", lambda m: _ESCAPES[m.group(1)], text)
+
+
 def resolve_exclude_tokens(tokenizer, tokens: Sequence[str]) -> frozenset[int]:
     """Token strings (or ids written as integers) to ids, as the tokenizer writes them in text."""
     ids: set[int] = set()
-    for text in tokens:
+    for text in map(unescape_token, tokens):
         if text.strip().lstrip("-").isdigit():
             ids.add(int(text))
             continue

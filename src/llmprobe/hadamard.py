@@ -19,9 +19,9 @@ build one from constructions that need no lookup tables:
 A size ``n = m·2^k`` is transformed as ``H_m ⊗ H_{2^k}``: the fast transform over the 2^k part and a
 small dense matmul with ``H_m`` over the rest, where ``m`` is the smallest order we can build
 whose quotient is a power of two (576 = 36·16 uses Paley II with q = 17, 1536 = 12·128 uses
-Paley I with q = 11, 14336 = 28·512 uses Paley II with q = 13). Sizes with no construction (any n that is not 1, 2 or a multiple
-of 4, and a few multiples of 4 such as 92 that need other constructions) are refused with an
-:class:`LLMProbeError` naming the size.
+Paley I with q = 11, 14336 = 28·512 uses Paley II with q = 13). Sizes with no construction
+(any n that is not 1, 2 or a multiple of 4, and a few multiples of 4 such as 92 that need other
+constructions) are refused with an :class:`LLMProbeError` naming the size.
 """
 
 from __future__ import annotations

@@ -77,7 +77,9 @@ def records_to_frame(records: Sequence[Record]) -> pd.DataFrame:
     columns: list[str] = []
     for row in rows:  # union of columns, first-seen order (declared fields come first)
         columns.extend(c for c in row if c not in columns)
-    return pd.DataFrame(rows, columns=columns)
+    # object dtype keeps optional int columns (layer index None outside blocks) as ints and
+    # blanks instead of pandas' silent upcast to float.
+    return pd.DataFrame(rows, columns=columns, dtype=object)
 
 
 def library_versions() -> dict[str, str]:

@@ -277,8 +277,8 @@ class _TokenErrorStats:
 
     def __init__(self, windows: torch.Tensor):
         self.token_ids = torch.unique(windows)
-        self._dense = torch.full((int(self.token_ids.max()) + 1,), -1, dtype=torch.long)
-        self._dense[self.token_ids] = torch.arange(len(self.token_ids))
+        self.dense_index = torch.full((int(self.token_ids.max()) + 1,), -1, dtype=torch.long)
+        self.dense_index[self.token_ids] = torch.arange(len(self.token_ids))
         self.scopes: dict[tuple[str, int | None, str | None], dict[str, torch.Tensor]] = {}
 
     def _state(self, scope) -> dict[str, torch.Tensor]:
@@ -291,7 +291,7 @@ class _TokenErrorStats:
         return self.scopes[scope]
 
     def add(self, members: Sequence[LinearSite], token_ids: torch.Tensor, errors: torch.Tensor) -> None:
-        index = self._dense[token_ids]
+        index = self.dense_index[token_ids]
         errors = errors.double().cpu()
         for scope, layer, role, weight in _scopes_of(members):
             state = self._state((scope, layer, role))
@@ -452,7 +452,7 @@ def top_token_error(calib: Calibration, bits: int = 4, granularity: str = "per-t
 
     kept = calib.windows[calib.token_filter.keep_mask(calib.windows)]
     occurrences = torch.zeros(len(stats.token_ids), dtype=torch.long)
-    occurrences.index_add_(0, stats._dense[kept], torch.ones_like(kept))
+    occurrences.index_add_(0, stats.dense_index[kept], torch.ones_like(kept))
 
     decoded: dict[int, str] = {}
     model_scope = ("model", None, None)

@@ -29,8 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import progress
-from ..collect import collect
+from ..collect import unescape_token, collect
 from ..collectors import ChannelCollector, MomentCollector, TokenCollector
 from ..errors import LLMProbeError
 from ..modulemap import ROLES, LinearSite
@@ -296,14 +295,16 @@ def _key_of(site_obj: LinearSite, site: str) -> str:
     return site_obj.input_group if site == "input" else site_obj.name
 
 
-def _run(calib: Calibration, collectors, *, site: str, batch_size: int, sites: Sequence[LinearSite] | None = None,
+def _run(calib: Calibration, collectors, *, site: str, batch_size: int,
+         sites: Sequence[LinearSite] | None = None,
          description: str = "collect") -> dict[str, list[LinearSite]]:
     check_site(site)
     if batch_size < 1:
         raise LLMProbeError(f"--batch-size must be at least 1; got {batch_size}")
-    return collect(calib.lm.model, calib.mmap, list(sites if sites is not None else calib.sites), calib.windows,
-                   collectors, site=site, token_filter=calib.token_filter, rotate=calib.rotate,
-                   batch_size=batch_size, description=description)
+    chosen = list(sites if sites is not None else calib.sites)
+    return collect(calib.lm.model, calib.mmap, chosen, calib.windows, collectors, site=site,
+                   token_filter=calib.token_filter, rotate=calib.rotate, batch_size=batch_size,
+                   description=description)
 
 
 def _role_rank(role: str | None) -> int:
@@ -336,7 +337,8 @@ class _Decoder:
 
 def _by_token(ids: torch.Tensor, values: torch.Tensor, positions_per_sample: int) -> pd.DataFrame:
     """Aggregate samples by token id: samples, occurrences, mean and max (NaNs ignored)."""
-    frame = pd.DataFrame({"token_id": ids.numpy().astype(np.int64), "value": values.numpy().astype(np.float64)})
+    frame = pd.DataFrame({"token_id": ids.numpy().astype(np.int64),
+                          "value": values.numpy().astype(np.float64)})
     frame = frame[np.isfinite(frame["value"])]
     grouped = frame.groupby("token_id")["value"].agg(["count", "mean", "max"]).reset_index()
     grouped["occurrences"] = grouped["count"] // max(1, positions_per_sample)
@@ -398,8 +400,9 @@ def magnitude(calib: Calibration, *, site: str = "input", top_k: int = 10, rank_
     modules = []
     for s, key in _site_rows(calib, key_sites, site):
         summary = moments.result(key)
-        modules.append(MagnitudeModule(**_module_fields(s, key), tokens=summary.tokens, windows=summary.windows,
-                                       abs_max=summary.abs_max, window_abs_max_mean=summary.window_abs_max_mean))
+        modules.append(MagnitudeModule(**_module_fields(s, key), tokens=summary.tokens,
+                                       windows=summary.windows, abs_max=summary.abs_max,
+                                       window_abs_max_mean=summary.window_abs_max_mean))
 
     def summarise(scope: str, rows: list[MagnitudeModule], layer=None, role=None) -> MagnitudeSummary:
         return MagnitudeSummary(scope=scope, layer=layer, role=role, modules=len(rows),
@@ -419,9 +422,9 @@ def magnitude(calib: Calibration, *, site: str = "input", top_k: int = 10, rank_
         grouped = _by_token(ids, values, len(keys))
         for rank, row in enumerate(_top_rows(grouped, rank_by, top_k, min_count).itertuples(), start=1):
             token_rows.append(TokenMagnitude(scope=scope, rank=rank, token_id=int(row.token_id),
-                                             token_text=decode(row.token_id), occurrences=int(row.occurrences),
-                                             samples=int(row.count), mean_max_abs=float(row.mean),
-                                             max_max_abs=float(row.max)))
+                                             token_text=decode(row.token_id),
+                                             occurrences=int(row.occurrences), samples=int(row.count),
+                                             mean_max_abs=float(row.mean), max_max_abs=float(row.max)))
     return {
         "magnitude_modules": modules,
         "magnitude_layers": [summarise("layer", rows, layer=layer) for layer, rows in layers.items()],
@@ -490,8 +493,9 @@ def spread_layers(available: Sequence[int], count: int = 3) -> list[int]:
     return sorted({available[i] for i in picks})
 
 
-def token_kurtosis(calib: Calibration, *, site: str = "input", layers: Sequence[int] | Literal["all"] | None = None,
-                   top_k: int = 10, min_count: int = 1, batch_size: int = 1) -> Tables:
+def token_kurtosis(calib: Calibration, *, site: str = "input",
+                   layers: Sequence[int] | Literal["all"] | None = None, top_k: int = 10,
+                   min_count: int = 1, batch_size: int = 1) -> Tables:
     """Top tokens by the excess kurtosis of their own feature vector, per role, per layer and per
     role within a layer.
 
@@ -515,7 +519,8 @@ def token_kurtosis(calib: Calibration, *, site: str = "input", layers: Sequence[
                                 f"{available[0]}..{available[-1]}")
     sites = [s for s in calib.sites if s.layer in chosen]
     tokens = TokenCollector(kurtosis=True)
-    key_sites = _run(calib, [tokens], site=site, batch_size=batch_size, sites=sites, description="token kurtosis")
+    key_sites = _run(calib, [tokens], site=site, batch_size=batch_size, sites=sites,
+                     description="token kurtosis")
     decode = _Decoder(calib)
     rows: list[TokenKurtosis] = []
 
@@ -544,6 +549,14 @@ def token_kurtosis(calib: Calibration, *, site: str = "input", layers: Sequence[
 # -- down projection spikes ------------------------------------------------------------------
 
 
+def down_proj_sites(calib: Calibration) -> list[LinearSite]:
+    """The selected MLP down projections (``mlp.down`` / ``mlp.fc2``); an error if there are none."""
+    sites = [s for s in calib.sites if s.role in DOWN_PROJ_ROLES]
+    if not sites:
+        raise LLMProbeError("no MLP down projection (role mlp.down or mlp.fc2) among the selected modules")
+    return sites
+
+
 def down_proj_spikes(calib: Calibration, *, site: str = "input", top_k: int = 5, rank_by: str = "mean",
                      min_count: int = 1, batch_size: int = 1) -> Tables:
     """Top tokens by max|x| at each layer's MLP down projection (``mlp.down`` / ``mlp.fc2``):
@@ -551,11 +564,10 @@ def down_proj_spikes(calib: Calibration, *, site: str = "input", top_k: int = 5,
     with the channel they sit in (massive activations sit in a few fixed channels)."""
     check_top_k(top_k)
     check_rank_by(rank_by)
-    sites = [s for s in calib.sites if s.role in DOWN_PROJ_ROLES]
-    if not sites:
-        raise LLMProbeError("no MLP down projection (role mlp.down or mlp.fc2) among the selected modules")
+    sites = down_proj_sites(calib)
     tokens = TokenCollector(argmax_channel=True)
-    key_sites = _run(calib, [tokens], site=site, batch_size=batch_size, sites=sites, description="down-proj spikes")
+    key_sites = _run(calib, [tokens], site=site, batch_size=batch_size, sites=sites,
+                     description="down-proj spikes")
     decode = _Decoder(calib)
     by_id, by_position = [], []
     for s, key in _site_rows(calib, key_sites, site):
@@ -571,7 +583,8 @@ def down_proj_spikes(calib: Calibration, *, site: str = "input", top_k: int = 5,
             by_id.append(DownProjSpike(layer=s.layer, module=s.name, role=s.role, rank=rank,
                                        token_id=int(row.token_id), token_text=decode(row.token_id),
                                        occurrences=int(row.occurrences), mean_max_abs=float(row.mean),
-                                       max_max_abs=float(row.max), peak_channel=int(peak_channel[row.token_id])))
+                                       max_max_abs=float(row.max),
+                                       peak_channel=int(peak_channel[row.token_id])))
         for rank, index in enumerate(tokens.top_tokens(key, top_k).tolist(), start=1):
             by_position.append(DownProjSpikePosition(
                 layer=s.layer, module=s.name, role=s.role, rank=rank, window=int(table.window[index]),
@@ -583,33 +596,41 @@ def down_proj_spikes(calib: Calibration, *, site: str = "input", top_k: int = 5,
 
 # -- token occurrence ------------------------------------------------------------------------
 
-_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", "s": " "}
 
 
-def unescape_token(text: str) -> str:
-    r"""Read ``\n``, ``\t``, ``\r``, ``\s`` (space) and ``\\`` typed on a command line as the
-    characters they name; anything else is kept as typed (no general unicode-escape decoding,
-    which would mangle non-ASCII text)."""
-    return re.sub(r"\\([ntrs\\])", lambda m: _ESCAPES[m.group(1)], text)
+def _token_stands_for(text: str, target: str, exact: bool) -> bool:
+    if exact:
+        return text == target
+    if text in (target, " " + target):
+        return True
+    if target.isspace():
+        # BPE merges runs of whitespace into one token ("\n\n\n" is one SmolLM2 token, "\n    "
+        # a newline plus indentation): such a token is one position where the target occurs.
+        core = text if target == " " else text.strip(" ")
+        return bool(core) and len(core) % len(target) == 0 and core == target * (len(core) // len(target))
+    return False
 
 
 def match_token_ids(tokenizer, target: str, candidate_ids, *, exact: bool = False) -> dict[int, str]:
     """Token ids among ``candidate_ids`` that stand for ``target`` as written inside text.
 
-    A token matches when its decoded text equals the target or, unless ``exact``, the target
-    after one space: byte-level BPE writes a word after a space as a different token ("Ġthe")
-    than at the start of a line ("the"), SentencePiece likewise ("▁the"); both are the word.
-    Matching decoded tokens that really occur, rather than ``encode(target)[0]``, finds
-    ``"\n"`` as SmolLM2/GPT-2 write it (the byte-level token "Ċ") and never picks the first
-    piece of a target the tokenizer splits.
+    Matching looks at the decoded text of the tokens that really occur, never at
+    ``encode(target)[0]`` (which for many tokenizers is a different token than the one used in
+    running text, or only the first piece of a split target). A token matches when its text is
+    the target, or, unless ``exact``:
+
+    * the target after one space: byte-level BPE writes a word after a space as its own token
+      ("Ġthe") distinct from the line-initial one ("the"); both are the word;
+    * for a whitespace target ("\n", "\t"), a run of it, possibly with spaces around
+      ("ĊĊĊ", "ĠĊ", "Ċ    "): tokenizers merge such runs, and SmolLM2 writes WikiText's line
+      breaks only that way. One such token is one occurrence (one position in the window).
     """
     if target == "":
         raise LLMProbeError("--target-token is empty; give the token's text, e.g. '\\n' or 'the'")
-    wanted = {target} if exact else {target, " " + target}
     found = {}
     for token_id in sorted({int(i) for i in candidate_ids}):
         text = tokenizer.decode([token_id])
-        if text in wanted:
+        if _token_stands_for(text, target, exact):
             found[token_id] = text
     return found
 
@@ -633,10 +654,11 @@ def token_occurrence(calib: Calibration, *, target_token: str, site: str = "inpu
     per_window = hits.sum(dim=1)
     occurrences = int(per_window.sum())
     if occurrences == 0:
-        pieces = calib.lm.tokenizer.encode("a" + target, add_special_tokens=False)
+        # Say how the tokenizer splits the target: a multi-token target can never match one token.
+        tokenizer = calib.lm.tokenizer
+        pieces = [tokenizer.decode([i]) for i in tokenizer.encode(target, add_special_tokens=False)]
         note = (f"{target!r} does not occur as a token in the {windows.shape[0]} calibration windows "
-                f"(inside text the tokenizer writes it as {max(1, len(pieces) - 1)} token(s))")
-        progress.info(f"[yellow]{note}[/]")
+                f"(on its own the tokenizer writes it as {len(pieces)} token(s): {pieces!r})")
     else:
         note = f"{occurrences} occurrences of {target!r} in {int((per_window > 0).sum())} windows"
     summary = TokenOccurrenceSummary(
@@ -669,10 +691,11 @@ def token_occurrence(calib: Calibration, *, target_token: str, site: str = "inpu
                                                max_max_abs=float(row["max"])))
     role_rows = []
     for role, keys in _keys_by_roles(key_sites).items():
-        pooled = pd.concat([per_key[k] for k in keys]).groupby("occurrence")["value"].agg(["count", "mean", "max"])
-        for occurrence, row in pooled.iterrows():
-            role_rows.append(TokenOccurrenceRole(role=role, occurrence=int(occurrence), samples=int(row["count"]),
-                                                 mean_max_abs=float(row["mean"]), max_max_abs=float(row["max"])))
+        pooled = pd.concat([per_key[k] for k in keys]).groupby("occurrence")["value"]
+        for occurrence, row in pooled.agg(["count", "mean", "max"]).iterrows():
+            role_rows.append(TokenOccurrenceRole(role=role, occurrence=int(occurrence),
+                                                 samples=int(row["count"]), mean_max_abs=float(row["mean"]),
+                                                 max_max_abs=float(row["max"])))
     return {"token_occurrence": module_rows, "token_occurrence_roles": role_rows,
             "token_occurrence_summary": [summary]}
 
@@ -706,15 +729,18 @@ def prompt(calib: Calibration, *, site: str = "input", batch_size: int = 1) -> T
         table = tokens.result(key)
         for i in range(table.max_abs.numel()):
             rows.append(PromptTokenMagnitude(**_module_fields(s, key), position=int(table.position[i]),
-                                             token_id=int(table.token_ids[i]), token_text=decode(table.token_ids[i]),
-                                             max_abs=float(table.max_abs[i]), channel=int(table.argmax_channel[i])))
+                                             token_id=int(table.token_ids[i]),
+                                             token_text=decode(table.token_ids[i]),
+                                             max_abs=float(table.max_abs[i]),
+                                             channel=int(table.argmax_channel[i])))
     peaks: dict[int, PromptTokenMagnitude] = {}
     for row in rows:  # first module in model order wins ties, so the peak is reproducible
         best = peaks.get(row.position)
         if best is None or row.max_abs > best.max_abs:
             peaks[row.position] = row
     peak_rows = [PromptTokenPeak(position=p.position, token_id=p.token_id, token_text=p.token_text,
-                                 max_abs=p.max_abs, module=p.module, layer=p.layer, role=p.role, channel=p.channel)
+                                 max_abs=p.max_abs, module=p.module, layer=p.layer, role=p.role,
+                                 channel=p.channel)
                  for _, p in sorted(peaks.items())]
     return {"prompt_tokens": rows, "prompt_token_peaks": peak_rows}
 
@@ -737,7 +763,10 @@ def max_median(calib: Calibration, *, site: str = "input", batch_size: int = 1) 
     modules = []
     for s, key in _site_rows(calib, key_sites, site):
         scales = tokens.result(key).max_abs.numpy().astype(np.float64)
-        top, median = (float(np.max(scales)), float(np.median(scales))) if scales.size else (math.nan, math.nan)
+        if scales.size:
+            top, median = float(np.max(scales)), float(np.median(scales))
+        else:
+            top, median = math.nan, math.nan
         modules.append(MaxMedianModule(**_module_fields(s, key), tokens=int(scales.size), scale_max=top,
                                        scale_median=median, ratio=_ratio(top, median)))
     layers = []
@@ -765,12 +794,14 @@ def norms(calib: Calibration, *, site: str = "input", top_channels: int = 5, bat
         rms = np.sqrt(mean_sq)
         abs_max = result.abs_max.numpy().astype(np.float64)
         fields = _module_fields(s, key)
-        long_rows.extend(ChannelNorm(**fields, channel=j, mean_sq=float(mean_sq[j]), sqrt_mean_sq=float(rms[j]),
-                                     abs_max=float(abs_max[j])) for j in range(mean_sq.size))
+        long_rows.extend(ChannelNorm(**fields, channel=j, mean_sq=float(mean_sq[j]),
+                                     sqrt_mean_sq=float(rms[j]), abs_max=float(abs_max[j]))
+                         for j in range(mean_sq.size))
         order = np.argsort(-abs_max, kind="stable")[:top_channels]
         median = float(np.median(abs_max)) if abs_max.size else math.nan
         summaries.append(ChannelNormSummary(
             **fields, channels=int(mean_sq.size), tokens=result.tokens, mean_sq_mean=float(np.mean(mean_sq)),
             sqrt_mean_sq_max=float(np.max(rms)), abs_max=float(np.max(abs_max)), abs_max_median=median,
-            outlier_ratio=_ratio(float(np.max(abs_max)), median), top_channels=";".join(str(int(j)) for j in order)))
+            outlier_ratio=_ratio(float(np.max(abs_max)), median),
+            top_channels=";".join(str(int(j)) for j in order)))
     return {"norms_channels": long_rows, "norms_modules": summaries}

@@ -8,18 +8,23 @@ For each selected 2-D weight ``W`` and each precision ``p``:
    (one absmax scale per output channel), symmetric per-output-channel integers for ``int<N>``,
    NF4 blocks of 64. Per-channel means per *output* row; for GPT-2 ``Conv1D`` weights (stored
    ``[in, out]``) the scale runs along the stored columns instead.
-3. ``λ = σ(W_p)²`` (no normalization), from :mod:`llmprobe.spectral`:
+3. ``λ = σ(W_p)²`` (no normalization), from :mod:`llmprobe.spectral`, in **fp64 arithmetic**
+   by default for every precision: ``W_p`` holds values of format ``p`` (all exactly
+   representable in fp32/fp64), and its spectrum is then computed as accurately as we can, so
+   that the difference between two columns is the effect of the format's rounding alone. The
+   effect being measured is small — fp16 moves a typical alpha by ~1e-6 relative — while fp32
+   arithmetic (Gram eigenvalues carry ~1e-7·λ_max of noise) would add an error of ~1e-7, i.e.
+   10 % of the fp16 signal. (The seed computed each spectrum "in the precision"; SPEC §5 makes
+   fp64 mean fp64 and statistics fp32/fp64 whatever the model dtype.) Consequently, for an fp32
+   load the ``fp32`` and ``fp64`` columns agree to rounding of the last bits: storing an fp32
+   weight in fp64 loses nothing. ``spectrum_dtype="fp32"`` (``--spectrum-dtype fp32``) trades
+   that accuracy for ~1.5–2× speed on very large models; ``fp64`` is always computed in fp64.
 
-   * ``p == "fp64"``: the fp64 matrix is decomposed by ``svdvals`` in fp64 arithmetic
-     (method ``svd-fp64``). fp64 is the reference precision, so it gets the accurate
-     decomposition that also resolves the smallest singular values.
-   * every other ``p``: ``W_p`` holds values of format ``p`` (all exactly representable in fp32),
-     and the spectrum comes from the eigenvalues of the smaller Gram matrix in fp32 arithmetic
-     (method ``gram-fp32``), batched over matrices of the same shape. The Gram route gives the
-     *top* of the spectrum — the part Alpha-Hill reads — to ~1e-7 relative to ``λ_max``, three
-     orders below the rounding being measured (fp16 ~5e-4, bf16 ~4e-3 per element), and is what
-     makes an fp32 run several times faster than WeightWatcher. A σ below ~3.5e-4·σ_max is
-     resolved only in fp64; list ``fp64`` among the precisions to get the exact numbers.
+   Method: eigenvalues of the smaller Gram matrix (``gram-fp64``), batched over same-shape
+   matrices — it resolves the top of the spectrum, which is all Alpha-Hill and the norms read,
+   to full precision. With ``fit="powerlaw"`` the KS scan reads the whole spectrum, so
+   :mod:`llmprobe.spectral`'s guard recomputes a matrix with ``svdvals`` (``svd-fp64``) when
+   its smallest σ is below what the Gram route resolves.
 
 4. Estimators (from the same λ): Alpha-Hill ``α = 1 + k / Σ_{i≤k} ln(λ_i/λ_{k+1})`` with
    ``k = max(10, ⌊k_frac·n⌋)`` capped at ``n−1``; with ``fit="powerlaw"`` the column ``alpha_<p>``
@@ -58,8 +63,17 @@ from ..modulemap import ROLES
 from ..progress import track
 from ..quant import FORMATS, parse_format, quantize
 from ..records import Record
-from ..spectral import (NON_FINITE_METHOD, alpha_hill, alpha_weighted, log_norm, log_spectral_norm,
-                        powerlaw_fit, singular_values_batched, stable_rank)
+from ..spectral import (
+    NON_FINITE_METHOD,
+    all_finite,
+    alpha_hill,
+    alpha_weighted,
+    log_norm,
+    log_spectral_norm,
+    powerlaw_fit,
+    singular_values_batched,
+    stable_rank,
+)
 from ..weightsource import WeightSource, compile_regex, no_match_error
 
 logger = logging.getLogger(__name__)
@@ -67,6 +81,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_PRECISIONS = ("fp32", "fp16", "bf16")
 FITS = ("hill", "powerlaw")
 LOAD_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SPECTRUM_DTYPES = {"fp64": torch.float64, "fp32": torch.float32}
 # Roles whose weights are not decoder-block matrices; left out unless a regex names them.
 _NOT_BLOCK_MATRICES = {"embed", "lm_head", "norm"}
 # Per chunk of same-shape matrices: loaded weights + quantized copies + stack + Gram.
@@ -76,7 +91,7 @@ _PRECISION_ACCEPTED = "fp64, fp32, fp16, bf16, fp8_e4m3, fp8_e5m2, int2 … int1
 # Seed-001 per-precision columns, which lead the table right after the five per-layer columns.
 SEED_PRECISION_FIELDS = ("alpha", "k_used", "n_eigs", "method")
 _SEED_COLUMN = re.compile(
-    r"^(?:%s)_(?:%s)$" % ("|".join(SEED_PRECISION_FIELDS), "|".join(re.escape(f) for f in FORMATS)))
+    r"^(?:{})_(?:{})$".format("|".join(SEED_PRECISION_FIELDS), "|".join(re.escape(f) for f in FORMATS)))
 SEED_LEADING_COLUMNS = ("layer_name", "category", "out_features", "in_features", "numel")
 
 STATUS_OK = "ok"
@@ -179,6 +194,13 @@ def check_fit(fit: str) -> str:
     if fit not in FITS:
         raise LLMProbeError(f"unknown --fit '{fit}'; use one of {', '.join(FITS)}")
     return fit
+
+
+def check_spectrum_dtype(spectrum_dtype: str) -> str:
+    if spectrum_dtype not in SPECTRUM_DTYPES:
+        raise LLMProbeError(
+            f"unknown --spectrum-dtype '{spectrum_dtype}'; use one of {', '.join(SPECTRUM_DTYPES)}")
+    return spectrum_dtype
 
 
 def check_load_dtype(load_dtype: str) -> torch.dtype:
@@ -293,11 +315,10 @@ def _chunks(plans: list[MatrixPlan], chunk_bytes: int) -> list[list[MatrixPlan]]
 # --------------------------------------------------------------------------- the analysis
 
 
-def _spectrum_settings(precision: str) -> tuple[torch.dtype, str, str]:
-    """(arithmetic dtype, spectral method, dtype label) for one precision (module docstring)."""
-    if precision == "fp64":
-        return torch.float64, "svd", "fp64"
-    return torch.float32, "gram", "fp32"
+def _arithmetic(precision: str, spectrum_dtype: str) -> tuple[torch.dtype, str]:
+    """(torch dtype, label) of the spectrum arithmetic for one precision: fp64 always means fp64."""
+    label = "fp64" if precision == "fp64" else spectrum_dtype
+    return SPECTRUM_DTYPES[label], label
 
 
 def _method_label(method_used: str, dtype_label: str) -> str:
@@ -338,19 +359,23 @@ def _nan_estimates(fit: str) -> dict:
     return values
 
 
-def _process_chunk(ws, chunk, precisions, k_frac, fit, device, load_dtype) -> list[PrecisionAlphaHill]:
+def _process_chunk(ws, chunk, precisions, k_frac, fit, device, load_dtype,
+                   spectrum_dtype) -> list[PrecisionAlphaHill]:
     # Read each weight once; the load cast happens on the target device.
     weights = [ws.get(plan.name).to(device).to(load_dtype) for plan in chunk]
-    finite = [bool(torch.isfinite(weight).all()) for weight in weights]
-    per_matrix: list[dict[str, dict]] = [dict() for _ in chunk]
+    finite = [all_finite(weight) for weight in weights]
+    per_matrix: list[dict[str, dict]] = [{} for _ in chunk]
     reasons: list[list[str]] = [[] for _ in chunk]
     live = [index for index, ok in enumerate(finite) if ok]
 
     for precision in precisions:
-        dtype, method, dtype_label = _spectrum_settings(precision)
+        dtype, dtype_label = _arithmetic(precision, spectrum_dtype)
         converted = [quantize(weights[i], precision, granularity="per-channel", axis=chunk[i].channel_axis)
                      for i in live]
-        spectra = singular_values_batched(converted, dtype=dtype, device=device, method=method) if live else []
+        # Hill and the norms read only the top of the spectrum (Gram is exact there); the
+        # power-law KS scan reads all of it, so let the guard switch to svdvals when needed.
+        spectra = singular_values_batched(converted, dtype=dtype, device=device, method="auto",
+                                          need_small=fit == "powerlaw") if live else []
         del converted
         for index, (sigma, method_used) in zip(live, spectra):
             lam = sigma.numpy() ** 2
@@ -407,15 +432,15 @@ def summarize_precisions(rows: Sequence[PrecisionAlphaHill], precisions: Sequenc
         if count == 0:
             stats = dict.fromkeys(("mean", "std", "min", "median", "max", "q25", "q75"), math.nan)
         else:
-            stats = dict(
-                mean=float(values.mean()),
-                std=float(values.std(ddof=1)) if count > 1 else math.nan,
-                min=float(values.min()),
-                median=float(np.median(values)),
-                max=float(values.max()),
-                q25=float(np.percentile(values, 25)),
-                q75=float(np.percentile(values, 75)),
-            )
+            stats = {
+                "mean": float(values.mean()),
+                "std": float(values.std(ddof=1)) if count > 1 else math.nan,
+                "min": float(values.min()),
+                "median": float(np.median(values)),
+                "max": float(values.max()),
+                "q25": float(np.percentile(values, 25)),
+                "q75": float(np.percentile(values, 75)),
+            }
         summary.append(PrecisionSummaryStatistics(precision=precision, count=count, **stats))
     return summary
 
@@ -437,6 +462,7 @@ def alpha_hill_analysis(
     load_dtype: str = "fp32",
     fit: str = "hill",
     *,
+    spectrum_dtype: str = "fp64",
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> tuple[list[PrecisionAlphaHill], list[PrecisionSummaryStatistics]]:
     """Alpha of every selected weight matrix at every precision, and its distribution per precision.
@@ -449,16 +475,19 @@ def alpha_hill_analysis(
     k_frac = check_k_frac(k_frac)
     fit = check_fit(fit)
     torch_load_dtype = check_load_dtype(load_dtype)
+    spectrum_dtype = check_spectrum_dtype(spectrum_dtype)
     target = resolve_device(device)
     ws = _as_weight_source(ws)
     plans = select_matrices(ws, regex)
     chunks = _chunks(plans, chunk_bytes)
-    logger.info("alpha-hill: %d matrices in %d chunks; precisions %s; fit %s; k_frac %g; device %s",
-                len(plans), len(chunks), ",".join(precisions), fit, k_frac, target)
+    logger.info("alpha-hill: %d matrices in %d chunks; precisions %s; fit %s; k_frac %g; "
+                "spectrum in %s on %s", len(plans), len(chunks), ",".join(precisions), fit, k_frac,
+                spectrum_dtype, target)
 
     def rows_as_done() -> Iterator[PrecisionAlphaHill]:
         for chunk in chunks:
-            yield from _process_chunk(ws, chunk, precisions, k_frac, fit, target, torch_load_dtype)
+            yield from _process_chunk(ws, chunk, precisions, k_frac, fit, target, torch_load_dtype,
+                                      spectrum_dtype)
 
     done = list(track(rows_as_done(), "alpha-hill", total=len(plans)))
     # chunks run shape by shape; report in model order

@@ -56,6 +56,8 @@ def prepare(lm: LoadedModel, *, dataset: str | None = "wikitext2", nsamples: int
             exclude_bos: bool = False, exclude_tokens: Sequence[str] = (), rotate: str | None = None
             ) -> Calibration:
     """Select modules and draw calibration windows (or take ``windows`` as given: [N, L] ids)."""
+    if windows is not None:  # explicit windows define their own count and length
+        nsamples, seqlen = int(windows.shape[0]), int(windows.shape[1])
     if nsamples <= 0:
         raise LLMProbeError(f"--nsamples must be positive; got {nsamples}")
     if seqlen <= 1:

@@ -9,7 +9,7 @@ optionally the figures, and print the main table (``--json``: that table as JSON
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -58,8 +58,10 @@ from .common import (
 GROUP = "activations"
 
 TopKOpt = Annotated[int, typer.Option("--top-k", help="Tokens listed per scope.")]
-MinCountOpt = Annotated[int, typer.Option("--min-count", help="Only rank tokens that occur at least this many times.")]
-RankByOpt = Annotated[str, typer.Option("--rank-by", help="Order tokens by the max or the mean of their max|x|.")]
+MinCountOpt = Annotated[int, typer.Option(
+    "--min-count", help="Only rank tokens that occur at least this many times.")]
+RankByOpt = Annotated[str, typer.Option(
+    "--rank-by", help="Order tokens by the max or the mean of their max|x|.")]
 
 
 def _start(quiet: bool, plot_format: str, batch_size: int, site: str) -> None:
@@ -124,10 +126,10 @@ def magnitude_command(
     check_range("--top-k", top_k, low=1)
     check_range("--min-count", min_count, low=1)
     stats.check_rank_by(rank_by)
-    calib = setup_calibration(model=model, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype,
-                       device=device, dataset=dataset, nsamples=nsamples, seqlen=seqlen, seed=seed, roles=roles,
-                       layers=layers, regex=regex, exclude_bos=exclude_bos, exclude_tokens=exclude_tokens,
-                       rotate=rotate)
+    calib = setup_calibration(
+        model=model, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype, device=device,
+        dataset=dataset, nsamples=nsamples, seqlen=seqlen, seed=seed, roles=roles, layers=layers, regex=regex,
+        exclude_bos=exclude_bos, exclude_tokens=exclude_tokens, rotate=rotate)
     with open_run(GROUP, "magnitude", calib.lm.source, out, overwrite, quiet=quiet, site=site, top_k=top_k,
                   rank_by=rank_by, min_count=min_count, batch_size=batch_size, seed=seed) as run:
         _manifest(run, calib)
@@ -144,9 +146,9 @@ def magnitude_command(
             _save_all(run, plots.role_bars(tables["magnitude_roles"], {
                 "max": "abs_max", "mean per-window max": "window_abs_max_mean"},
                 title="activation max|x| per role", ylabel="max|x|"), "magnitude_per_role", plot_format)
-            _save_all(run, plots.role_layer_lines(tables["magnitude_modules"], "abs_max",
-                                                  title="activation max|x| per role and layer", ylabel="max|x|"),
-                      "magnitude_role_layers", plot_format)
+            _save_all(run, plots.role_layer_lines(
+                tables["magnitude_modules"], "abs_max", title="activation max|x| per role and layer",
+                ylabel="max|x|"), "magnitude_role_layers", plot_format)
             value = "max_max_abs" if rank_by == "max" else "mean_max_abs"
             _save_all(run, plots.token_bar_panels(
                 plots.group_token_rows(tables["magnitude_tokens"], "scope", value),
@@ -192,10 +194,10 @@ def kurtosis_command(
 ) -> None:
     """Excess (Fisher, biased) kurtosis of each module's activations: per-window mean and pooled."""
     _start(quiet, plot_format, batch_size, site)
-    calib = setup_calibration(model=model, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype,
-                       device=device, dataset=dataset, nsamples=nsamples, seqlen=seqlen, seed=seed, roles=roles,
-                       layers=layers, regex=regex, exclude_bos=exclude_bos, exclude_tokens=exclude_tokens,
-                       rotate=rotate)
+    calib = setup_calibration(
+        model=model, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype, device=device,
+        dataset=dataset, nsamples=nsamples, seqlen=seqlen, seed=seed, roles=roles, layers=layers, regex=regex,
+        exclude_bos=exclude_bos, exclude_tokens=exclude_tokens, rotate=rotate)
     with open_run(GROUP, "kurtosis", calib.lm.source, out, overwrite, quiet=quiet, site=site,
                   estimator=stats.ESTIMATOR, batch_size=batch_size, seed=seed) as run:
         _manifest(run, calib)
@@ -212,14 +214,16 @@ def kurtosis_command(
             _save_all(run, plots.role_bars(tables["kurtosis_roles"], {
                 "per-window mean": "kurtosis_window_mean", "pooled": "kurtosis_pooled_mean"},
                 title="excess kurtosis per role", ylabel="excess kurtosis"), "kurtosis_per_role", plot_format)
-            _save_all(run, plots.role_layer_lines(tables["kurtosis_modules"], "kurtosis_window_mean",
-                                                  title="excess kurtosis (per-window mean) per role and layer",
-                                                  ylabel="excess kurtosis"), "kurtosis_role_layers", plot_format)
+            _save_all(run, plots.role_layer_lines(
+                tables["kurtosis_modules"], "kurtosis_window_mean",
+                title="excess kurtosis (per-window mean) per role and layer", ylabel="excess kurtosis"),
+                "kurtosis_role_layers", plot_format)
     emit(tables["kurtosis_layers"], as_json=json_out, title=f"excess kurtosis per layer ({stats.ESTIMATOR})",
          columns=["layer", "modules", "kurtosis_window_mean", "kurtosis_pooled_mean", "kurtosis_pooled_max"])
     if not json_out:
         emit(tables["kurtosis_roles"], as_json=False, title="excess kurtosis per role",
-             columns=["role", "modules", "kurtosis_window_mean", "kurtosis_pooled_mean", "kurtosis_pooled_max"])
+             columns=["role", "modules", "kurtosis_window_mean", "kurtosis_pooled_mean",
+                      "kurtosis_pooled_max"])
     emit_done(run, json_out)
 
 
@@ -236,8 +240,9 @@ def token_kurtosis_command(
     top_k: TopKOpt = 10,
     min_count: MinCountOpt = 1,
     roles: RolesOpt = None,
-    layers: Annotated[Optional[str], typer.Option(
-        "--layers", help="Layers to analyse: '0,5,10', '0-3' or 'all' [default: first, middle and last].")] = None,
+    layers: Annotated[str | None, typer.Option(
+        "--layers",
+        help="Layers to analyse: '0,5,10', '0-3' or 'all' [default: first, middle and last].")] = None,
     regex: FilterOpt = None,
     site: SiteOpt = "input",
     exclude_bos: ExcludeBosOpt = False,
@@ -261,12 +266,13 @@ def token_kurtosis_command(
     check_range("--min-count", min_count, low=1)
     everything = layers is not None and layers.strip().lower() == "all"
     chosen = None if layers is None or everything else parse_layers(layers)
-    calib = setup_calibration(model=model, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype,
-                       device=device, dataset=dataset, nsamples=nsamples, seqlen=seqlen, seed=seed, roles=roles,
-                       layers=None if everything else layers, regex=regex, exclude_bos=exclude_bos,
-                       exclude_tokens=exclude_tokens, rotate=rotate)
-    with open_run(GROUP, "token-kurtosis", calib.lm.source, out, overwrite, quiet=quiet, site=site, top_k=top_k,
-                  min_count=min_count, estimator=stats.ESTIMATOR, batch_size=batch_size, seed=seed) as run:
+    calib = setup_calibration(
+        model=model, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype, device=device,
+        dataset=dataset, nsamples=nsamples, seqlen=seqlen, seed=seed, roles=roles, layers=None if everything
+        else layers, regex=regex, exclude_bos=exclude_bos, exclude_tokens=exclude_tokens, rotate=rotate)
+    with open_run(GROUP, "token-kurtosis", calib.lm.source, out, overwrite, quiet=quiet, site=site,
+                  top_k=top_k, min_count=min_count, estimator=stats.ESTIMATOR, batch_size=batch_size,
+                  seed=seed) as run:
         _manifest(run, calib)
         tables = stats.token_kurtosis(calib, site=site, layers="all" if everything else chosen, top_k=top_k,
                                       min_count=min_count, batch_size=batch_size)
@@ -322,17 +328,18 @@ def down_proj_spikes_command(
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Top tokens by max|x| at each layer's MLP down projection (mlp.down / mlp.fc2), and the largest spikes."""
+    """Top tokens by max|x| at each layer's MLP down projection (mlp.down / mlp.fc2); largest spikes."""
     _start(quiet, plot_format, batch_size, site)
     check_range("--top-k", top_k, low=1)
     check_range("--min-count", min_count, low=1)
     stats.check_rank_by(rank_by)
-    calib = setup_calibration(model=model, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype,
-                       device=device, dataset=dataset, nsamples=nsamples, seqlen=seqlen, seed=seed,
-                       roles=list(stats.DOWN_PROJ_ROLES), layers=layers, regex=regex, exclude_bos=exclude_bos,
-                       exclude_tokens=exclude_tokens, rotate=rotate)
-    with open_run(GROUP, "down-proj-spikes", calib.lm.source, out, overwrite, quiet=quiet, site=site, top_k=top_k,
-                  rank_by=rank_by, min_count=min_count, batch_size=batch_size, seed=seed) as run:
+    calib = setup_calibration(
+        model=model, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype, device=device,
+        dataset=dataset, nsamples=nsamples, seqlen=seqlen, seed=seed, roles=None, layers=layers, regex=regex,
+        exclude_bos=exclude_bos, exclude_tokens=exclude_tokens, rotate=rotate)
+    stats.down_proj_sites(calib)  # fail before the output directory exists
+    with open_run(GROUP, "down-proj-spikes", calib.lm.source, out, overwrite, quiet=quiet, site=site,
+                  top_k=top_k, rank_by=rank_by, min_count=min_count, batch_size=batch_size, seed=seed) as run:
         _manifest(run, calib)
         tables = stats.down_proj_spikes(calib, site=site, top_k=top_k, rank_by=rank_by, min_count=min_count,
                                         batch_size=batch_size)
@@ -345,9 +352,11 @@ def down_proj_spikes_command(
                 plots.group_token_rows(tables["down_proj_spikes"], lambda r: f"layer {r.layer}", value),
                 title=f"down projection: top tokens by {rank_by} max|x|", xlabel=f"{rank_by} max|x|"),
                 "down_proj_spikes", plot_format)
-    emit([r for r in tables["down_proj_spikes"] if r.rank == 1] if not json_out else tables["down_proj_spikes"],
-         as_json=json_out, title=f"down projection: top token per layer (by {rank_by} max|x|)",
-         columns=["layer", "token_id", "token_text", "occurrences", "mean_max_abs", "max_max_abs", "peak_channel"])
+    # The terminal shows each layer's top token; --json gives the whole table.
+    shown = tables["down_proj_spikes"] if json_out else [r for r in tables["down_proj_spikes"] if r.rank == 1]
+    emit(shown, as_json=json_out, title=f"down projection: top token per layer (by {rank_by} max|x|)",
+         columns=["layer", "token_id", "token_text", "occurrences", "mean_max_abs", "max_max_abs",
+                  "peak_channel"])
     emit_done(run, json_out)
 
 
@@ -366,7 +375,7 @@ def token_occurrence_command(
     seed: SeedOpt = 0,
     exact: Annotated[bool, typer.Option(
         "--exact", help="Match only the token written exactly so, not also its after-a-space form.")] = False,
-    max_occurrence: Annotated[Optional[int], typer.Option(
+    max_occurrence: Annotated[int | None, typer.Option(
         "--max-occurrence", help="Report occurrences 1..N only.")] = None,
     roles: RolesOpt = None,
     layers: LayersOpt = None,
@@ -392,10 +401,10 @@ def token_occurrence_command(
     if target_token == "":
         raise LLMProbeError("--target-token is empty; give the token's text, e.g. '\\n' or 'the'")
     check_range("--max-occurrence", max_occurrence, low=1)
-    calib = setup_calibration(model=model, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype,
-                       device=device, dataset=dataset, nsamples=nsamples, seqlen=seqlen, seed=seed, roles=roles,
-                       layers=layers, regex=regex, exclude_bos=exclude_bos, exclude_tokens=exclude_tokens,
-                       rotate=rotate)
+    calib = setup_calibration(
+        model=model, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype, device=device,
+        dataset=dataset, nsamples=nsamples, seqlen=seqlen, seed=seed, roles=roles, layers=layers, regex=regex,
+        exclude_bos=exclude_bos, exclude_tokens=exclude_tokens, rotate=rotate)
     with open_run(GROUP, "token-occurrence", calib.lm.source, out, overwrite, quiet=quiet, site=site,
                   target_token=stats.unescape_token(target_token), exact=exact, max_occurrence=max_occurrence,
                   batch_size=batch_size, seed=seed) as run:
@@ -424,7 +433,8 @@ def token_occurrence_command(
 
 @app.command("prompt")
 def prompt_command(
-    text: Annotated[str, typer.Option("--text", "--prompt", "--analyze-prompt", help="The input to analyse.")],
+    text: Annotated[str, typer.Option(
+        "--text", "--prompt", "--analyze-prompt", help="The input to analyse.")],
     model: ModelOpt = None,
     roles: RolesOpt = None,
     layers: LayersOpt = None,
@@ -433,8 +443,9 @@ def prompt_command(
     exclude_bos: ExcludeBosOpt = False,
     exclude_tokens: ExcludeTokensOpt = None,
     rotate: RotateOpt = "none",
-    plot_layers: Annotated[Optional[str], typer.Option(
-        "--plot-layers", help="Layers drawn as lines in the line plot [default: up to 8, evenly spread].")] = None,
+    plot_layers: Annotated[str | None, typer.Option(
+        "--plot-layers",
+        help="Layers drawn as lines in the line plot [default: up to 8, evenly spread].")] = None,
     revision: RevisionOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
     dtype: DtypeOpt = "auto",
@@ -454,7 +465,8 @@ def prompt_command(
     source = source_from(model, revision, trust_remote_code)
     lm = load_model(source, dtype=dtype, device=device)
     ids = stats.prompt_windows(lm, text)
-    calib = prepare(lm, windows=ids, nsamples=1, seqlen=int(ids.shape[1]), roles=roles, layers=parse_layers(layers),
+    calib = prepare(lm, windows=ids, nsamples=1, seqlen=int(ids.shape[1]), roles=roles,
+                    layers=parse_layers(layers),
                     regex=regex, exclude_bos=exclude_bos, exclude_tokens=exclude_tokens or (), rotate=rotate)
     with open_run(GROUP, "prompt", source, out, overwrite, quiet=quiet, site=site, text=text) as run:
         _manifest(run, calib)
@@ -464,8 +476,10 @@ def prompt_command(
             from ..plots import activations as plots
 
             _save_all(run, plots.prompt_heatmap(tables["prompt_tokens"], text), "prompt_heatmap", plot_format)
-            _save_all(run, plots.prompt_lines(tables["prompt_tokens"], line_layers), "prompt_lines", plot_format)
-    emit(tables["prompt_token_peaks"], as_json=json_out, title="per-token peak max|x| over the selected modules",
+            _save_all(run, plots.prompt_lines(tables["prompt_tokens"], line_layers), "prompt_lines",
+                      plot_format)
+    emit(tables["prompt_token_peaks"], as_json=json_out,
+         title="per-token peak max|x| over the selected modules",
          columns=["position", "token_text", "max_abs", "layer", "role", "channel"])
     emit_done(run, json_out)
 
@@ -501,10 +515,10 @@ def max_median_command(
 ) -> None:
     """QFeP max-to-median ratio of per-token scales (max|x| over features), per module and layer."""
     _start(quiet, plot_format, batch_size, site)
-    calib = setup_calibration(model=model, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype,
-                       device=device, dataset=dataset, nsamples=nsamples, seqlen=seqlen, seed=seed, roles=roles,
-                       layers=layers, regex=regex, exclude_bos=exclude_bos, exclude_tokens=exclude_tokens,
-                       rotate=rotate)
+    calib = setup_calibration(
+        model=model, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype, device=device,
+        dataset=dataset, nsamples=nsamples, seqlen=seqlen, seed=seed, roles=roles, layers=layers, regex=regex,
+        exclude_bos=exclude_bos, exclude_tokens=exclude_tokens, rotate=rotate)
     with open_run(GROUP, "max-median", calib.lm.source, out, overwrite, quiet=quiet, site=site,
                   batch_size=batch_size, seed=seed) as run:
         _manifest(run, calib)
@@ -513,12 +527,13 @@ def max_median_command(
         if plot:
             from ..plots import activations as plots
 
-            _save_all(run, plots.layer_lines(tables["max_median_layers"], {"max / median": "ratio"},
-                                             title="max-to-median ratio of token scales per layer (QFeP)",
-                                             ylabel="max(S) / median(S)"), "max_median_per_layer", plot_format)
-            _save_all(run, plots.role_layer_lines(tables["max_median_modules"], "ratio",
-                                                  title="max-to-median ratio per role and layer (QFeP)",
-                                                  ylabel="max(S) / median(S)"), "max_median_role_layers", plot_format)
+            _save_all(run, plots.layer_lines(
+                tables["max_median_layers"], {"max / median": "ratio"},
+                title="max-to-median ratio of token scales per layer (QFeP)", ylabel="max(S) / median(S)"),
+                "max_median_per_layer", plot_format)
+            _save_all(run, plots.role_layer_lines(
+                tables["max_median_modules"], "ratio", title="max-to-median ratio per role and layer (QFeP)",
+                ylabel="max(S) / median(S)"), "max_median_role_layers", plot_format)
     emit(tables["max_median_layers"], as_json=json_out, title="max-to-median ratio of token scales per layer",
          columns=["layer", "inputs", "tokens", "scale_max", "scale_median", "ratio"])
     emit_done(run, json_out)
@@ -558,10 +573,10 @@ def norms_command(
     """Per input channel E[x²] (Wanda's norm) and max|x| (SmoothQuant's scale), and a per-module summary."""
     _start(quiet, plot_format, batch_size, site)
     check_range("--top-channels", top_channels, low=1)
-    calib = setup_calibration(model=model, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype,
-                       device=device, dataset=dataset, nsamples=nsamples, seqlen=seqlen, seed=seed, roles=roles,
-                       layers=layers, regex=regex, exclude_bos=exclude_bos, exclude_tokens=exclude_tokens,
-                       rotate=rotate)
+    calib = setup_calibration(
+        model=model, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype, device=device,
+        dataset=dataset, nsamples=nsamples, seqlen=seqlen, seed=seed, roles=roles, layers=layers, regex=regex,
+        exclude_bos=exclude_bos, exclude_tokens=exclude_tokens, rotate=rotate)
     with open_run(GROUP, "norms", calib.lm.source, out, overwrite, quiet=quiet, site=site,
                   top_channels=top_channels, batch_size=batch_size, seed=seed) as run:
         _manifest(run, calib)
@@ -571,13 +586,14 @@ def norms_command(
             from ..plots import activations as plots
 
             summaries = tables["norms_modules"]
-            _save_all(run, plots.role_layer_lines(summaries, "outlier_ratio",
-                                                  title="outlier channel ratio max|x| / median channel max|x|",
-                                                  ylabel="ratio"), "norms_outlier_ratio", plot_format)
+            _save_all(run, plots.role_layer_lines(
+                summaries, "outlier_ratio", title="outlier channel ratio max|x| / median channel max|x|",
+                ylabel="ratio"), "norms_outlier_ratio", plot_format)
             if summaries:
                 worst = max(summaries, key=lambda r: r.abs_max if r.abs_max == r.abs_max else -1.0)
                 _save_all(run, plots.channel_profile(tables["norms_channels"], worst.module),
                           "norms_channel_profile", plot_format)
     emit(tables["norms_modules"], as_json=json_out, title="per-module channel scales",
-         columns=["module", "tokens", "mean_sq_mean", "sqrt_mean_sq_max", "abs_max", "outlier_ratio", "top_channels"])
+         columns=["module", "tokens", "mean_sq_mean", "sqrt_mean_sq_max", "abs_max", "outlier_ratio",
+                  "top_channels"])
     emit_done(run, json_out)

@@ -6,7 +6,7 @@ so a typo in --filter or an out-of-range option leaves nothing behind.
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -16,6 +16,7 @@ from ..analyses.weight_tables import (
     bops_summary,
     check_bits,
     check_block_size,
+    check_device,
     check_energy,
     check_rank_rtol,
     check_zero_tol,
@@ -45,7 +46,7 @@ from .common import (
 )
 from .weights import app
 
-FilterOpt = Annotated[Optional[str], typer.Option(
+FilterOpt = Annotated[str | None, typer.Option(
     "--filter", "--filter-layers", help="Regex (re.search) on tensor names; default: every tensor.")]
 ZeroTolOpt = Annotated[float, typer.Option("--zero-tol", help="|w| <= this counts as zero for sparsity.")]
 
@@ -85,8 +86,7 @@ def stats_command(
 
             run.save_figure(stats_figure(records), "weight_stats", fmt=plot_format)
     emit(records, as_json=json_out, title=f"weight stats ({len(records)} tensors)",
-         columns=["name", "layer_index", "role", "shape", "dtype", "mean", "std", "abs_max", "sparsity",
-                  "kurtosis", "nan_count", "inf_count"])
+         columns=["name", "layer_index", "role", "shape", "std", "abs_max", "kurtosis", "sparsity", "nan_count"])
     emit_done(run, json_out)
 
 
@@ -113,6 +113,7 @@ def spectrum_command(
     check_rank_rtol(rank_rtol)
     check_energy(energy)
     check_zero_tol(zero_tol)
+    check_device(device)
     check_plot_format(plot_format)
     if quiet:
         progress.set_quiet(True)
@@ -135,8 +136,8 @@ def spectrum_command(
         if broken:
             run.update(non_finite_matrices=broken)
     emit(records, as_json=json_out, title=f"weight spectrum ({len(records)} matrices)",
-         columns=["name", "layer_index", "role", "shape", "design_rank", "actual_rank", "energy_rank",
-                  "stable_rank", "effective_rank", "spectral_norm", "status"])
+         columns=["name", "layer_index", "role", "shape", "actual_rank", "energy_rank", "stable_rank",
+                  "effective_rank", "status"])
     if broken and not json_out:
         progress.info(f"[yellow]{broken} matrices hold NaN/Inf: status non_finite, spectral columns empty[/]")
     emit_done(run, json_out)
@@ -148,7 +149,7 @@ def bops_command(
     w_bits: Annotated[int, typer.Option(
         "--w-bits", "--quant-bits", help="Weight bits (LMAnalyser's --quant_bits).")] = 4,
     a_bits: Annotated[int, typer.Option("--a-bits", help="Activation bits.")] = 16,
-    block_size: Annotated[Optional[int], typer.Option(
+    block_size: Annotated[int | None, typer.Option(
         "--block-size", help="Weights per fp16 scale; adds one 16x16-bit scale multiply per block per token.")]
     = None,
     revision: RevisionOpt = None,

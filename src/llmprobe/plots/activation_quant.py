@@ -41,11 +41,16 @@ def _layer_lines(ax, rows: Sequence, value: Callable[[object], float | None], yl
             continue
         # Modules of one role in one layer (MoE experts) are averaged into one point.
         by_role.setdefault(row.role, {}).setdefault(row.layer, []).append(y)
-    drawn = False
+    # Roles that read one shared input (q/k/v, gate/up in forward statistics) have identical
+    # series; draw them once under a joint label instead of stacking invisible lines.
+    series: dict[tuple, list[str]] = {}
     for role in _role_order(by_role):
-        points = sorted((layer, sum(ys) / len(ys)) for layer, ys in by_role[role].items())
+        points = tuple(sorted((layer, sum(ys) / len(ys)) for layer, ys in by_role[role].items()))
+        series.setdefault(points, []).append(role)
+    drawn = False
+    for points, roles in series.items():
         xs, ys = zip(*points)
-        ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.2, label=role)
+        ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.2, label=" = ".join(roles))
         drawn = True
     if log and drawn:
         ax.set_yscale("log")
@@ -88,8 +93,9 @@ def quant_error_figure(modules: Sequence) -> Figure:
 
 
 def top_token_error_figure(rows: Sequence, top_k: int = 20) -> Figure:
-    """Horizontal bars of the top tokens' mean per-token MSE with ±std whiskers (TokenQuantError
-    rows of the model scope)."""
+    """The top tokens' mean per-token MSE (bars) and largest single error (markers), on a log
+    axis because a few attention-sink tokens are orders of magnitude above the rest
+    (TokenQuantError rows of the model scope)."""
     shown = [row for row in rows if row.scope == "model"][:top_k]
     fig = Figure(figsize=(8.0, max(3.0, 0.32 * len(shown) + 1.2)), layout="constrained")
     ax = fig.subplots()
@@ -97,13 +103,18 @@ def top_token_error_figure(rows: Sequence, top_k: int = 20) -> Figure:
         ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center")
         return fig
     positions = list(range(len(shown)))
-    ax.barh(positions, [row.mean_mse for row in shown], xerr=[row.std_mse for row in shown],
-            color="tab:red", alpha=0.8, error_kw={"elinewidth": 0.8, "capsize": 2})
+    means = [row.mean_mse for row in shown]
+    ax.barh(positions, means, color="tab:red", alpha=0.8, label="mean over modules and occurrences")
+    ax.plot([row.max_mse for row in shown], positions, linestyle="none", marker="|", markersize=10,
+            color="black", label="max")
     ax.set_yticks(positions, [f"{token_label(row.token)} ({row.occurrences}×)" for row in shown], fontsize=8)
     ax.invert_yaxis()  # rank 1 at the top
-    ax.set_xlabel("mean per-token MSE over modules (± std)")
+    if min(means) > 0:
+        ax.set_xscale("log")
+    ax.set_xlabel("per-token MSE (mean over features of one token row)")
     ax.set_title(f"top {len(shown)} tokens by quantization error ({shown[0].format} {shown[0].granularity})",
                  fontsize=10)
+    ax.legend(fontsize=8, loc="lower right", frameon=False)
     ax.grid(True, axis="x", alpha=0.3)
     return fig
 

@@ -137,7 +137,8 @@ def role_layer_lines(rows: Sequence, column: str, *, title: str, ylabel: str) ->
 def role_bars(rows: Sequence, series: dict[str, str], *, title: str, ylabel: str) -> Figure:
     """Grouped bars per role (LMAnalyser's per-module-type plot)."""
     rows = sorted((r for r in rows if r.role is not None), key=lambda r: _role_key(r.role))
-    fig = Figure(figsize=(max(5.0, 1.0 + 0.9 * len(rows) * max(1, len(series)) ** 0.5), 4.0), layout="constrained")
+    width = max(5.0, 1.0 + 0.9 * len(rows) * max(1, len(series)) ** 0.5)
+    fig = Figure(figsize=(width, 4.0), layout="constrained")
     ax = fig.add_subplot()
     if not rows:
         _no_data(ax)
@@ -183,7 +184,12 @@ def token_bar_panels(groups: dict[str, list[tuple[str, float, int]]], *, title: 
         chunk = names[start:start + per_figure]
         bars = max(len(groups[n]) for n in chunk)
         n_rows, n_cols = _panel_grid(len(chunk))
-        fig = Figure(figsize=(4.6 * n_cols, max(2.2, 0.32 * bars + 1.0) * n_rows), layout="constrained")
+        panel_height = max(2.2, 0.32 * bars + 1.0)
+        # Fixed spacing instead of constrained layout: laying out a dozen panels of text labels
+        # with the layout engine costs seconds per figure, and the grid here is regular.
+        fig = Figure(figsize=(4.6 * n_cols, panel_height * n_rows + 0.6))
+        fig.subplots_adjust(left=0.12, right=0.97, bottom=0.6 / (panel_height * n_rows + 0.6) + 0.02,
+                            top=1 - 0.5 / (panel_height * n_rows + 0.6), wspace=0.6, hspace=0.55)
         axes = fig.subplots(n_rows, n_cols, squeeze=False)
         for ax, name in zip(axes.flat, chunk):
             entries = groups[name]
@@ -204,7 +210,8 @@ def token_bar_panels(groups: dict[str, list[tuple[str, float, int]]], *, title: 
             ax.margins(x=0.18)
         for ax in list(axes.flat)[len(chunk):]:
             ax.set_visible(False)
-        suffix = "" if len(names) <= per_figure else f" ({start // per_figure + 1}/{math.ceil(len(names) / per_figure)})"
+        pages = math.ceil(len(names) / per_figure)
+        suffix = "" if pages == 1 else f" ({start // per_figure + 1}/{pages})"
         fig.suptitle(title + suffix, fontsize=11)
         figures.append(fig)
     return figures
@@ -235,7 +242,8 @@ def occurrence_curves(role_rows: Sequence, target: str) -> Figure:
         points = sorted(by_role[role], key=lambda r: r.occurrence)
         xs = [r.occurrence for r in points]
         colour = f"C{i % 10}"
-        ax.plot(xs, [r.mean_max_abs for r in points], marker="o", markersize=3, color=colour, label=f"{role} mean")
+        ax.plot(xs, [r.mean_max_abs for r in points], marker="o", markersize=3, color=colour,
+                label=f"{role} mean")
         ax.plot(xs, [r.max_max_abs for r in points], linestyle="--", linewidth=0.9, color=colour, alpha=0.7,
                 label=f"{role} max")
         values.extend(r.max_max_abs for r in points)
@@ -324,7 +332,8 @@ def prompt_lines(rows: Sequence, layers: Sequence[int] | None = None, max_lines:
         if layers:
             picks = [i for i, layer in enumerate(layer_ids) if layer in set(layers)]
         else:
-            picks = sorted(set(np.linspace(0, len(layer_ids) - 1, min(max_lines, len(layer_ids))).round().astype(int)))
+            spread = np.linspace(0, len(layer_ids) - 1, min(max_lines, len(layer_ids)))
+            picks = sorted(set(spread.round().astype(int)))
         for i in picks:
             ax.plot(range(len(labels)), matrix[i], marker="o", markersize=2.5, linewidth=1.0,
                     label=f"layer {layer_ids[i]}")
@@ -349,7 +358,7 @@ def prompt_lines(rows: Sequence, layers: Sequence[int] | None = None, max_lines:
 def channel_profile(rows: Sequence, module: str) -> Figure:
     """max|x_j| and sqrt(E[x_j²]) over the channels of one module: outlier channels stand out."""
     chosen = sorted((r for r in rows if r.module == module), key=lambda r: r.channel)
-    fig = Figure(figsize=(_wide(len(chosen), base=7.0, per_item=0.01, cap=16.0), 4.0), layout="constrained")
+    fig = Figure(figsize=(_wide(len(chosen), base=7.0, per_item=0.01, cap=12.0), 4.0), layout="constrained")
     ax = fig.add_subplot()
     if not chosen:
         _no_data(ax)

@@ -1,0 +1,208 @@
+"""Figures for ``weights alpha-hill`` (seed 001's plots, plus alpha against depth).
+
+Every function takes the result rows as dicts (``PrecisionAlphaHill.row()``) and the precisions
+in column order, and returns or yields plain :class:`matplotlib.figure.Figure` objects (Agg, no
+pyplot state); the CLI saves them with ``RunOutput.save_figure``.
+
+Precision effects on alpha are tiny next to alpha itself (fp16 moves it by ~1e-6 relative), so
+bars of alpha alone look identical across precisions. Wherever there is more than one precision,
+a second panel shows ``Δα = α_p − α_ref`` against the first precision listed (the reference,
+usually fp32), where the differences are visible.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+MAX_TICK_LABELS = 60
+_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+           "#bcbd22", "#17becf")
+
+
+def _alpha(row: dict, precision: str) -> float:
+    value = row.get(f"alpha_{precision}")
+    # NaN extras come back as None from Record.row() (JSON mode)
+    return float(value) if isinstance(value, (int, float)) else math.nan
+
+
+def _color(index: int) -> str:
+    return _COLORS[index % len(_COLORS)]
+
+
+def short_label(row: dict) -> str:
+    """``L3 attn_q`` for a block matrix, else the weight name without ``.weight``."""
+    if row.get("layer_index") is not None:
+        return f"L{row['layer_index']} {row['category']}"
+    return str(row["layer_name"]).removesuffix(".weight")
+
+
+def _width(count: int, per_item: float, base: float = 6.0, cap: float = 30.0) -> float:
+    return min(cap, max(base, 2.0 + per_item * count))
+
+
+def _new_figure(width: float, with_delta: bool) -> tuple[Figure, list]:
+    figure = Figure(figsize=(width, 5.5 if with_delta else 3.6), layout="constrained")
+    if with_delta:
+        axes = figure.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 2]})
+        return figure, list(axes)
+    return figure, [figure.subplots()]
+
+
+def _grouped_bars(axes: list, rows: Sequence[dict], precisions: Sequence[str], alpha_label: str) -> None:
+    """Alpha bars per matrix, one bar per precision; Δα bars underneath when there are several."""
+    count = len(rows)
+    positions = np.arange(count)
+    width = 0.8 / len(precisions)
+    reference = np.array([_alpha(row, precisions[0]) for row in rows])
+    for index, precision in enumerate(precisions):
+        values = np.array([_alpha(row, precision) for row in rows])
+        offset = (index - (len(precisions) - 1) / 2) * width
+        axes[0].bar(positions + offset, np.nan_to_num(values, nan=0.0), width, label=precision,
+                    color=_color(index))
+        if len(axes) > 1 and index > 0:
+            axes[1].bar(positions + offset, np.nan_to_num(values - reference, nan=0.0), width,
+                        color=_color(index))
+    axes[0].set_ylabel(alpha_label)
+    axes[0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    if len(axes) > 1:
+        axes[1].axhline(0.0, color="black", linewidth=0.6)
+        axes[1].set_ylabel(f"Δα vs {precisions[0]}")
+        axes[1].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    bottom = axes[-1]
+    step = max(1, math.ceil(count / MAX_TICK_LABELS))
+    bottom.set_xticks(positions[::step], [short_label(row) for row in rows][::step], rotation=70,
+                      ha="right", fontsize=7)
+    bottom.set_xlim(-0.6, count - 0.4)
+
+
+def alpha_distribution_figure(rows: Sequence[dict], precisions: Sequence[str], alpha_label: str) -> Figure:
+    """Box plot of alpha over all matrices, one box per precision (finite values)."""
+    figure = Figure(figsize=(_width(len(precisions), 1.0, base=5.0), 4.0), layout="constrained")
+    ax = figure.subplots()
+    data = []
+    for precision in precisions:
+        values = np.array([_alpha(row, precision) for row in rows])
+        finite = values[np.isfinite(values)]
+        data.append(finite if finite.size else np.array([np.nan]))
+    ax.boxplot(data)
+    ax.set_xticks(range(1, len(precisions) + 1), [
+        f"{precision}\n(n={int(np.isfinite(values).sum())})" for precision, values in zip(precisions, data)])
+    ax.set_ylabel(alpha_label)
+    ax.set_title(f"{alpha_label} distribution by precision ({len(rows)} matrices)", fontsize=10)
+    return figure
+
+
+def _bars_figure(rows: Sequence[dict], precisions: Sequence[str], alpha_label: str, title: str) -> Figure:
+    figure, axes = _new_figure(_width(len(rows), 0.12 * len(precisions) + 0.15), len(precisions) > 1)
+    _grouped_bars(axes, rows, precisions, alpha_label)
+    axes[0].set_title(title, fontsize=10)
+    return figure
+
+
+def category_figures(rows: Sequence[dict], precisions: Sequence[str],
+                     alpha_label: str) -> Iterator[tuple[str, Figure]]:
+    """One grouped-bar figure per category (``attn_q``, ``mlp_up``, ...), its matrices in depth order."""
+    categories: dict[str, list[dict]] = {}
+    for row in rows:
+        categories.setdefault(str(row["category"]), []).append(row)
+    for category, members in categories.items():
+        yield category, _bars_figure(members, precisions, alpha_label,
+                                     f"{alpha_label} by precision — {category} ({len(members)} matrices)")
+
+
+def combined_batch_figures(rows: Sequence[dict], precisions: Sequence[str], alpha_label: str,
+                           max_layers_per_plot: int) -> Iterator[tuple[int, Figure]]:
+    """Grouped bars for consecutive batches of ``max_layers_per_plot`` matrices (0: all in one),
+    numbered from 1."""
+    size = len(rows) if max_layers_per_plot <= 0 else max_layers_per_plot
+    for number, start in enumerate(range(0, len(rows), max(size, 1)), start=1):
+        batch = rows[start:start + size]
+        yield number, _bars_figure(batch, precisions, alpha_label,
+                                   f"{alpha_label} by precision — matrices {start + 1}–{start + len(batch)}"
+                                   f" of {len(rows)}")
+
+
+def combined_batch_count(total: int, max_layers_per_plot: int) -> int:
+    """How many ``combined_batch_<i>`` figures :func:`combined_batch_figures` makes."""
+    if total == 0:
+        return 0
+    return 1 if max_layers_per_plot <= 0 else math.ceil(total / max_layers_per_plot)
+
+
+def individual_layer_figures(rows: Sequence[dict], precisions: Sequence[str],
+                             alpha_label: str) -> Iterator[tuple[int, Figure]]:
+    """One small figure per matrix (alpha per precision, Δα beside it), numbered from 1.
+
+    There is one per weight matrix (hundreds for a real model), so a single Figure is redrawn
+    and yielded again for each matrix: save it before advancing the iterator.
+    """
+    with_delta = len(precisions) > 1
+    panel_width = 1.6 + 0.5 * len(precisions)
+    figure = Figure(figsize=(2 * panel_width if with_delta else panel_width, 3.2), layout="constrained")
+    axes = list(figure.subplots(1, 2)) if with_delta else [figure.subplots()]
+    positions = np.arange(len(precisions))
+    colors = [_color(index) for index in range(len(precisions))]
+    for number, row in enumerate(rows, start=1):
+        for ax in axes:
+            ax.cla()
+        values = np.array([_alpha(row, precision) for precision in precisions])
+        axes[0].bar(positions, np.nan_to_num(values, nan=0.0), color=colors)
+        for position, value in zip(positions, values):
+            axes[0].text(position, 0.0 if not math.isfinite(value) else value,
+                         "NaN" if not math.isfinite(value) else f"{value:.4f}",
+                         ha="center", va="bottom", fontsize=6, rotation=90 if len(precisions) > 3 else 0)
+        axes[0].margins(y=0.25)  # room for the value labels above the bars
+        axes[0].set_xticks(positions, precisions, fontsize=7, rotation=45 if len(precisions) > 3 else 0)
+        axes[0].set_ylabel(alpha_label, fontsize=8)
+        if with_delta:
+            deltas = np.nan_to_num(values[1:] - values[0], nan=0.0)
+            axes[1].bar(positions[1:], deltas, color=colors[1:])
+            axes[1].axhline(0.0, color="black", linewidth=0.6)
+            axes[1].set_xticks(positions[1:], precisions[1:], fontsize=7,
+                               rotation=45 if len(precisions) > 3 else 0)
+            axes[1].set_ylabel(f"Δα vs {precisions[0]}", fontsize=8)
+            axes[1].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+        status = row.get("status")
+        suffix = "" if status in (None, "ok") else f" [{status}]"
+        figure.suptitle(f"{str(row['layer_name']).removesuffix('.weight')}{suffix}", fontsize=9)
+        yield number, figure
+
+
+def alpha_vs_depth_figures(rows: Sequence[dict], precisions: Sequence[str],
+                           alpha_label: str) -> Iterator[tuple[str, Figure]]:
+    """Per category of block matrices: alpha against layer index, one line per precision."""
+    categories: dict[str, list[dict]] = {}
+    for row in rows:
+        if row.get("layer_index") is not None:
+            categories.setdefault(str(row["category"]), []).append(row)
+    for category, members in categories.items():
+        members = sorted(members, key=lambda row: row["layer_index"])
+        depth = np.array([row["layer_index"] for row in members])
+        figure, axes = _new_figure(_width(len(members), 0.15, base=6.0, cap=16.0), len(precisions) > 1)
+        reference = np.array([_alpha(row, precisions[0]) for row in members])
+        for index, precision in enumerate(precisions):
+            values = np.array([_alpha(row, precision) for row in members])
+            axes[0].plot(depth, values, marker="o", markersize=3, linewidth=1.2, label=precision,
+                         color=_color(index))
+            if len(axes) > 1 and index > 0:
+                axes[1].plot(depth, values - reference, marker="o", markersize=3, linewidth=1.0,
+                             color=_color(index))
+        axes[0].set_ylabel(alpha_label)
+        axes[0].set_title(f"{alpha_label} vs depth — {category}", fontsize=10)
+        axes[0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        if len(axes) > 1:
+            axes[1].axhline(0.0, color="black", linewidth=0.6)
+            axes[1].set_ylabel(f"Δα vs {precisions[0]}")
+            axes[1].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+        axes[-1].set_xlabel("layer index")
+        axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
+        yield category, figure
