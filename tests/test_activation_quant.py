@@ -82,9 +82,9 @@ def reference_gradients(model, windows: torch.Tensor) -> dict[str, list[np.ndarr
     for window in windows:
         outputs: dict[str, torch.Tensor] = {}
 
-        def keep_output(mod, args, out, name):
+        def keep_output(module, args, out, name, store=outputs):
             out.retain_grad()
-            outputs[name] = out
+            store[name] = out
 
         handles = [module.register_forward_hook(lambda m, a, o, name=name: keep_output(m, a, o, name))
                    for name, module in modules.items()]
@@ -405,7 +405,8 @@ def test_quant_spec_rejects_bad_options(kwargs, needle):
 
 def test_group_size_must_divide_every_module():
     calib = tiny_calibration("llama")
-    with pytest.raises(LLMProbeError, match=r"--group-size 12 does not divide the 32 input features of model\.layers\.0"):
+    expected = r"--group-size 12 does not divide the 32 input features of model\.layers\.0"
+    with pytest.raises(LLMProbeError, match=expected):
         aq.quant_error(calib, granularity="per-group", group_size=12)
     with pytest.raises(LLMProbeError, match="--block-size 24"):
         aq.fgmp(calib, block_size=24)

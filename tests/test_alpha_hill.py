@@ -55,7 +55,7 @@ def reference_hill(lam: np.ndarray, k_frac: float = 0.1) -> tuple[float, int]:
     """Alpha-Hill with a plain Python loop: k = max(10, floor(k_frac·n)) capped at n-1."""
     lam = sorted((float(v) for v in lam), reverse=True)
     n = len(lam)
-    k = min(max(10, int(math.floor(k_frac * n))), n - 1)
+    k = min(max(10, math.floor(k_frac * n)), n - 1)
     total = 0.0
     for i in range(k):
         total += math.log(lam[i] / lam[k])
@@ -147,13 +147,26 @@ def test_fp64_means_fp64_arithmetic():
     (row,) = rows
     assert row.method_fp64 == "gram-fp64" and row.method_fp32 == "gram-fp32"
     assert row.alpha_fp64 == pytest.approx(reference, rel=1e-5)
-    assert not row.alpha_fp32 == pytest.approx(reference, rel=1e-2)
+    assert row.alpha_fp32 != pytest.approx(reference, rel=1e-2)
 
-    # default: every precision's spectrum in fp64, so fp32 (the same values) agrees as well
+    # default ("auto"): a comparison of precisions runs every spectrum in fp64, so fp32 (the
+    # same values) agrees as well
     (row,), _ = alpha_hill_analysis(model, ("fp32", "fp64"), regex=regex)
     assert row.method_fp32 == "gram-fp64"
     assert row.alpha_fp32 == pytest.approx(reference, rel=1e-5)
     assert row.alpha_fp64 == pytest.approx(reference, rel=1e-5)
+
+
+def test_auto_arithmetic_is_fp32_for_a_single_hill_precision(llama_dir, llama_tensors):
+    regex = r"layers\.0\.self_attn\.o_proj"
+    (single,), _ = alpha_hill_analysis(str(llama_dir), ("bf16",), regex=regex)
+    (forced,), _ = alpha_hill_analysis(str(llama_dir), ("bf16",), regex=regex, spectrum_dtype="fp64")
+    (law,), _ = alpha_hill_analysis(str(llama_dir), ("bf16",), regex=regex, fit="powerlaw")
+    assert (single.method_bf16, forced.method_bf16, law.method_bf16) == ("gram-fp32", "gram-fp64", "gram-fp64")
+    lam = reference_eigenvalues(reference_cast(llama_tensors[single.layer_name], "bf16"))
+    reference = reference_hill(lam)[0]
+    assert forced.alpha_bf16 == pytest.approx(reference, rel=1e-9)
+    assert single.alpha_bf16 == pytest.approx(reference, rel=1e-4)  # fp32 arithmetic: close, not exact
 
 
 def test_powerlaw_fit_columns_match_spectral_powerlaw_fit(llama_dir, llama_tensors):
@@ -181,7 +194,7 @@ def test_conv1d_weights_use_module_shapes_and_output_channels(tmp_path):
     run per *output* channel, i.e. along the stored columns."""
     model_dir = save_tiny_model_dir("gpt2", tmp_path / "gpt2")
     tensors = load_file(str(model_dir / "model.safetensors"))
-    rows, _ = alpha_hill_analysis(str(model_dir), ("int8",), regex=r"h\.0\.attn\.c_attn")
+    rows, _ = alpha_hill_analysis(str(model_dir), ("int8",), regex=r"h\.0\.attn\.c_attn", spectrum_dtype="fp64")
     (row,) = rows
     stored = tensors[row.layer_name].numpy()
     assert stored.shape == (32, 96)

@@ -18,7 +18,9 @@ under their shared ``input_group`` key; everything else is keyed by module name.
 
 from __future__ import annotations
 
+import ctypes
 import re
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -119,6 +121,28 @@ def sites_for_key(mmap: ModuleMap, sites: Sequence[LinearSite], site: Site, back
     return {s.name: [s] for s in sites}
 
 
+_HEAP = {"pinned": False}
+
+
+def pin_mmap_threshold() -> None:
+    """Keep large allocations out of the glibc heap (Linux only, once per process).
+
+    Collection interleaves big short-lived activation tensors with small long-lived per-token
+    results. glibc raises its mmap threshold after big blocks are freed, so later activations
+    land on the heap, between the small results, and the heap can never shrink: peak memory
+    then grows with the number of windows (measured: +970 MB from 8 to 32 windows of 256
+    tokens on SmolLM2-135M). A fixed 128 KiB threshold (glibc's own default, made static)
+    keeps activations in mmap'd blocks that return to the OS when freed.
+    """
+    if _HEAP["pinned"] or not sys.platform.startswith("linux"):
+        return
+    _HEAP["pinned"] = True
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # -3 = M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc (musl, say): nothing to pin
+        pass
+
+
 def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
     if args and isinstance(args[0], torch.Tensor):
         return args[0]
@@ -153,6 +177,7 @@ def collect(lm_model: torch.nn.Module, mmap: ModuleMap, sites: Sequence[LinearSi
     Returns key -> modules, for turning keyed statistics into per-module rows.
     """
     collectors = list(collectors)
+    pin_mmap_threshold()
     if windows.dim() != 2 or windows.shape[0] == 0:
         raise LLMProbeError("no calibration windows to run")
     if site not in ("input", "output"):

@@ -177,19 +177,25 @@ class RunOutput:
         self._register(path)
         return path
 
-    def save_figure(self, fig, name: str, fmt: str = "png", dpi: int = 120) -> Path:
-        """Save a matplotlib figure atomically as ``name.<fmt>`` and close it."""
+    def save_figure(self, fig, name: str, fmt: str = "png", dpi: int = 120, *, tight: bool = True,
+                    close: bool = True) -> Path:
+        """Save a matplotlib figure atomically as ``name.<fmt>``.
+
+        ``tight=False`` skips the tight bounding box (a second full draw) for figures whose
+        layout is fixed; ``close=False`` keeps the figure open for reuse.
+        """
+        import io
+
         import matplotlib.pyplot as plt
 
         path = self.path(f"{name}.{fmt}")
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".{fmt}", dir=path.parent)
-        os.close(fd)
+        buffer = io.BytesIO()
         try:
-            fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight")
-            os.replace(tmp, path)
+            fig.savefig(buffer, format=fmt, dpi=dpi, bbox_inches="tight" if tight else None)
         finally:
-            Path(tmp).unlink(missing_ok=True)
-            plt.close(fig)
+            if close:
+                plt.close(fig)
+        atomic_write_bytes(path, buffer.getvalue())
         self._register(path)
         return path
 

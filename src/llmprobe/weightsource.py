@@ -26,7 +26,6 @@ from .errors import LLMProbeError
 from .loading import ModelSource, cache_root, load_config, resolve_source
 
 
-
 class WeightSource:
     """Uniform read access to a checkpoint's tensors. Create with :meth:`open` or :meth:`from_model`."""
 

@@ -20,7 +20,6 @@ Conventions shared by every table:
 from __future__ import annotations
 
 import math
-import re
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Literal
@@ -29,7 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..collect import unescape_token, collect
+from ..collect import collect, unescape_token
 from ..collectors import ChannelCollector, MomentCollector, TokenCollector
 from ..errors import LLMProbeError
 from ..modulemap import ROLES, LinearSite

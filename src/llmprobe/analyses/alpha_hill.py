@@ -8,23 +8,33 @@ For each selected 2-D weight ``W`` and each precision ``p``:
    (one absmax scale per output channel), symmetric per-output-channel integers for ``int<N>``,
    NF4 blocks of 64. Per-channel means per *output* row; for GPT-2 ``Conv1D`` weights (stored
    ``[in, out]``) the scale runs along the stored columns instead.
-3. ``λ = σ(W_p)²`` (no normalization), from :mod:`llmprobe.spectral`, in **fp64 arithmetic**
-   by default for every precision: ``W_p`` holds values of format ``p`` (all exactly
-   representable in fp32/fp64), and its spectrum is then computed as accurately as we can, so
-   that the difference between two columns is the effect of the format's rounding alone. The
-   effect being measured is small — fp16 moves a typical alpha by ~1e-6 relative — while fp32
-   arithmetic (Gram eigenvalues carry ~1e-7·λ_max of noise) would add an error of ~1e-7, i.e.
-   10 % of the fp16 signal. (The seed computed each spectrum "in the precision"; SPEC §5 makes
-   fp64 mean fp64 and statistics fp32/fp64 whatever the model dtype.) Consequently, for an fp32
-   load the ``fp32`` and ``fp64`` columns agree to rounding of the last bits: storing an fp32
-   weight in fp64 loses nothing. ``spectrum_dtype="fp32"`` (``--spectrum-dtype fp32``) trades
-   that accuracy for ~1.5–2× speed on very large models; ``fp64`` is always computed in fp64.
+3. ``λ = σ(W_p)²`` (no normalization), from :mod:`llmprobe.spectral`. ``W_p`` holds values of
+   format ``p`` (all exactly representable in fp32/fp64); the arithmetic of its spectrum is
+   ``spectrum_dtype``:
 
-   Method: eigenvalues of the smaller Gram matrix (``gram-fp64``), batched over same-shape
-   matrices — it resolves the top of the spectrum, which is all Alpha-Hill and the norms read,
-   to full precision. With ``fit="powerlaw"`` the KS scan reads the whole spectrum, so
-   :mod:`llmprobe.spectral`'s guard recomputes a matrix with ``svdvals`` (``svd-fp64``) when
-   its smallest σ is below what the Gram route resolves.
+   * ``fp64`` always for the ``fp64`` precision (fp64 means fp64 arithmetic, SPEC §5);
+   * ``"auto"`` (default): **fp64 when the run compares two or more precisions** or fits a
+     power law, fp32 for a single non-fp64 precision with the Hill fit. Differences between
+     precisions are the point of a comparison, and they are small: on SmolLM2-135M fp16 moves
+     alpha by 1.8e-5 (median, relative) while fp32 arithmetic adds ~1e-6 of noise (up to 7e-6),
+     which makes the fp16-vs-fp32 difference wrong by 7 % at the median and by over 50 % for
+     one matrix in ten (with sign flips); bf16 differences are off by 1 % / 10 %. A single
+     alpha has a statistical error of order 1/sqrt(k) (~13 % for k = 57), so there fp32
+     arithmetic is ample and about twice as fast. The power-law fit's KS scan reads the small
+     end of the spectrum, which fp32 Gram eigenvalues do not resolve (the spectral guard would
+     fall back to a slower fp32 SVD), hence fp64;
+   * ``fp64`` / ``fp32``: forced for every precision (the seed computed each spectrum "in the
+     precision"; ``fp32`` matches that and is the fast choice for huge models on GPUs with slow
+     fp64). The ``fp64`` precision is still computed in fp64.
+
+   For an fp32 load in fp64 arithmetic the ``fp32`` and ``fp64`` columns agree: storing an fp32
+   weight in fp64 loses nothing. The ``method_<p>`` column names the arithmetic actually used.
+
+   Method: eigenvalues of the smaller Gram matrix (``gram-fp64`` / ``gram-fp32``), matrices
+   grouped by shape. The Gram route resolves the top of the spectrum, which is all Alpha-Hill
+   and the norms read, to full precision. With ``fit="powerlaw"`` the KS scan reads the whole
+   spectrum, so :mod:`llmprobe.spectral`'s guard recomputes a matrix with ``svdvals``
+   (``svd-fp64``) when its smallest σ is below what the Gram route resolves.
 
 4. Estimators (from the same λ): Alpha-Hill ``α = 1 + k / Σ_{i≤k} ln(λ_i/λ_{k+1})`` with
    ``k = max(10, ⌊k_frac·n⌋)`` capped at ``n−1``; with ``fit="powerlaw"`` the column ``alpha_<p>``
@@ -82,6 +92,7 @@ DEFAULT_PRECISIONS = ("fp32", "fp16", "bf16")
 FITS = ("hill", "powerlaw")
 LOAD_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SPECTRUM_DTYPES = {"fp64": torch.float64, "fp32": torch.float32}
+SPECTRUM_DTYPE_CHOICES = ("auto", *SPECTRUM_DTYPES)
 # Roles whose weights are not decoder-block matrices; left out unless a regex names them.
 _NOT_BLOCK_MATRICES = {"embed", "lm_head", "norm"}
 # Per chunk of same-shape matrices: loaded weights + quantized copies + stack + Gram.
@@ -197,9 +208,9 @@ def check_fit(fit: str) -> str:
 
 
 def check_spectrum_dtype(spectrum_dtype: str) -> str:
-    if spectrum_dtype not in SPECTRUM_DTYPES:
+    if spectrum_dtype not in SPECTRUM_DTYPE_CHOICES:
         raise LLMProbeError(
-            f"unknown --spectrum-dtype '{spectrum_dtype}'; use one of {', '.join(SPECTRUM_DTYPES)}")
+            f"unknown --spectrum-dtype '{spectrum_dtype}'; use one of {', '.join(SPECTRUM_DTYPE_CHOICES)}")
     return spectrum_dtype
 
 
@@ -315,10 +326,13 @@ def _chunks(plans: list[MatrixPlan], chunk_bytes: int) -> list[list[MatrixPlan]]
 # --------------------------------------------------------------------------- the analysis
 
 
-def _arithmetic(precision: str, spectrum_dtype: str) -> tuple[torch.dtype, str]:
-    """(torch dtype, label) of the spectrum arithmetic for one precision: fp64 always means fp64."""
-    label = "fp64" if precision == "fp64" else spectrum_dtype
-    return SPECTRUM_DTYPES[label], label
+def spectrum_arithmetic(precision: str, spectrum_dtype: str, precisions: Sequence[str], fit: str = "hill") -> str:
+    """The arithmetic ("fp64"/"fp32") of one precision's spectrum (module docstring, step 3)."""
+    if precision == "fp64":
+        return "fp64"
+    if spectrum_dtype == "auto":
+        return "fp64" if len(precisions) > 1 or fit == "powerlaw" else "fp32"
+    return spectrum_dtype
 
 
 def _method_label(method_used: str, dtype_label: str) -> str:
@@ -369,7 +383,8 @@ def _process_chunk(ws, chunk, precisions, k_frac, fit, device, load_dtype,
     live = [index for index, ok in enumerate(finite) if ok]
 
     for precision in precisions:
-        dtype, dtype_label = _arithmetic(precision, spectrum_dtype)
+        dtype_label = spectrum_arithmetic(precision, spectrum_dtype, precisions, fit)
+        dtype = SPECTRUM_DTYPES[dtype_label]
         converted = [quantize(weights[i], precision, granularity="per-channel", axis=chunk[i].channel_axis)
                      for i in live]
         # Hill and the norms read only the top of the spectrum (Gram is exact there); the
@@ -462,7 +477,7 @@ def alpha_hill_analysis(
     load_dtype: str = "fp32",
     fit: str = "hill",
     *,
-    spectrum_dtype: str = "fp64",
+    spectrum_dtype: str = "auto",
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> tuple[list[PrecisionAlphaHill], list[PrecisionSummaryStatistics]]:
     """Alpha of every selected weight matrix at every precision, and its distribution per precision.
@@ -480,9 +495,10 @@ def alpha_hill_analysis(
     ws = _as_weight_source(ws)
     plans = select_matrices(ws, regex)
     chunks = _chunks(plans, chunk_bytes)
-    logger.info("alpha-hill: %d matrices in %d chunks; precisions %s; fit %s; k_frac %g; "
-                "spectrum in %s on %s", len(plans), len(chunks), ",".join(precisions), fit, k_frac,
-                spectrum_dtype, target)
+    logger.info("alpha-hill: %d matrices in %d chunks; precisions %s; fit %s; k_frac %g; spectra in %s on %s",
+                len(plans), len(chunks), ",".join(precisions), fit, k_frac,
+                ",".join(f"{p}:{spectrum_arithmetic(p, spectrum_dtype, precisions, fit)}" for p in precisions),
+                target)
 
     def rows_as_done() -> Iterator[PrecisionAlphaHill]:
         for chunk in chunks:

@@ -17,11 +17,40 @@ from .. import progress
 from ..analyses import activation_quant as aq
 from ..errors import LLMProbeError
 from ..plots import activation_quant as plots
-from .activations import (BatchSizeOpt, ExcludeBosOpt, ExcludeTokensOpt, FilterOpt, LayersOpt, RolesOpt, RotateOpt,
-                          SiteOpt, app, setup_calibration)
-from .common import (DatasetOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, NSamplesOpt, OutOpt, OverwriteOpt, PlotFormatOpt,
-                     PlotOpt, QuietOpt, RevisionOpt, SeedOpt, SeqlenOpt, TrustRemoteCodeOpt, check_plot_format,
-                     check_range, emit, emit_done, open_run)
+from .activations import (
+    BatchSizeOpt,
+    ExcludeBosOpt,
+    ExcludeTokensOpt,
+    FilterOpt,
+    LayersOpt,
+    RolesOpt,
+    RotateOpt,
+    SiteOpt,
+    app,
+    setup_calibration,
+)
+from .common import (
+    DatasetOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelOpt,
+    NSamplesOpt,
+    OutOpt,
+    OverwriteOpt,
+    PlotFormatOpt,
+    PlotOpt,
+    QuietOpt,
+    RevisionOpt,
+    SeedOpt,
+    SeqlenOpt,
+    TrustRemoteCodeOpt,
+    check_plot_format,
+    check_range,
+    emit,
+    emit_done,
+    open_run,
+)
 
 GROUP = "activations"
 
@@ -34,7 +63,8 @@ GranularityOpt = Annotated[str, typer.Option(
 GroupSizeOpt = Annotated[Optional[int], typer.Option(
     "--group-size", help="Features per scale for --granularity per-group (block size for nf4, default 64).")]
 FormatOpt = Annotated[str, typer.Option(
-    "--format", help="int (width from --bits) | int2..int16 | fp8 (= fp8_e4m3) | fp8_e4m3 | fp8_e5m2 | nf4 | fp16 | bf16.")]
+    "--format",
+    help="int (width from --bits) | int2..int16 | fp8 (= fp8_e4m3) | fp8_e4m3 | fp8_e5m2 | nf4 | fp16 | bf16.")]
 SymmetricOpt = Annotated[bool, typer.Option(
     "--symmetric/--asymmetric", help="Integer grid symmetric about zero, or min/max with a zero point.")]
 TopKOpt = Annotated[int, typer.Option("--top-k", help="Tokens listed per scope (model, each layer, each role).")]

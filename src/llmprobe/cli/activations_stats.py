@@ -242,7 +242,7 @@ def token_kurtosis_command(
     roles: RolesOpt = None,
     layers: Annotated[str | None, typer.Option(
         "--layers",
-        help="Layers to analyse: '0,5,10', '0-3' or 'all' [default: first, middle and last].")] = None,
+        help="Layers to analyse: '0,5,10', '0-3' or 'all' (default: first, middle and last).")] = None,
     regex: FilterOpt = None,
     site: SiteOpt = "input",
     exclude_bos: ExcludeBosOpt = False,
@@ -445,7 +445,7 @@ def prompt_command(
     rotate: RotateOpt = "none",
     plot_layers: Annotated[str | None, typer.Option(
         "--plot-layers",
-        help="Layers drawn as lines in the line plot [default: up to 8, evenly spread].")] = None,
+        help="Layers drawn as lines in the line plot (default: up to 8, evenly spread).")] = None,
     revision: RevisionOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
     dtype: DtypeOpt = "auto",

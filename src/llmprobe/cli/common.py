@@ -34,7 +34,7 @@ DeviceMapOpt = Annotated[Optional[str], typer.Option(
 
 # -- output ---------------------------------------------------------------------------------
 OutOpt = Annotated[Optional[Path], typer.Option(
-    "--out", "-o", help="Output directory [default: results/<model>/<group>-<command>/].")]
+    "--out", "-o", help="Output directory (default: results/<model>/<group>-<command>/).")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the records as JSON on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or status lines.")]

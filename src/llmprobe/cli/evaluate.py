@@ -9,8 +9,23 @@ import typer
 from ..analyses.perplexity import check_seqlen, default_seqlen, perplexity
 from ..data import load_corpus, tokenize_corpus
 from ..loading import load_model
-from .common import (DatasetOpt, DeviceMapOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OutOpt, OverwriteOpt,
-                     QuietOpt, RevisionOpt, TrustRemoteCodeOpt, emit, emit_done, open_run, source_from)
+from .common import (
+    DatasetOpt,
+    DeviceMapOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelOpt,
+    OutOpt,
+    OverwriteOpt,
+    QuietOpt,
+    RevisionOpt,
+    TrustRemoteCodeOpt,
+    emit,
+    emit_done,
+    open_run,
+    source_from,
+)
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -20,7 +35,7 @@ def perplexity_command(
     model: ModelOpt = None,
     dataset: DatasetOpt = "wikitext2",
     seqlen: Annotated[Optional[int], typer.Option(
-        "--seqlen", help="Window length in tokens [default: 2048, capped at the model's maximum].")] = None,
+        "--seqlen", help="Window length in tokens (default: 2048, capped at the model's maximum).")] = None,
     stride: Annotated[Optional[int], typer.Option(
         "--stride", help="Sliding-window protocol: each window scores only its last STRIDE tokens.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")] = 1,

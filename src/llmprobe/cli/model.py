@@ -9,8 +9,19 @@ import typer
 from .. import progress
 from ..analyses.model_info import layer_census, model_info, structure_map
 from .activations import LayersOpt, RolesOpt, parse_layers
-from .common import (JsonOpt, ModelOpt, OutOpt, OverwriteOpt, QuietOpt, RevisionOpt, TrustRemoteCodeOpt, emit,
-                     emit_done, open_run, source_from)
+from .common import (
+    JsonOpt,
+    ModelOpt,
+    OutOpt,
+    OverwriteOpt,
+    QuietOpt,
+    RevisionOpt,
+    TrustRemoteCodeOpt,
+    emit,
+    emit_done,
+    open_run,
+    source_from,
+)
 
 app = typer.Typer(no_args_is_help=True)
 

@@ -97,8 +97,9 @@ def alpha_hill_command(
         "--load-dtype", help="fp32|fp16|bf16: every weight is first cast to this (as the seed's model load).")]
     = "fp32",
     spectrum_dtype: Annotated[str, typer.Option(
-        "--spectrum-dtype", help="Arithmetic of the spectra: fp64 (accurate) or fp32 (faster on huge "
-        "models). The fp64 precision is always computed in fp64.")] = "fp64",
+        "--spectrum-dtype", help="Arithmetic of the spectra: auto (fp64 when comparing 2+ precisions, whose "
+        "differences are below fp32 noise, or with --fit powerlaw; fp32 for a single precision with Hill), "
+        "fp64, or fp32 (fastest). The fp64 precision is always computed in fp64.")] = "auto",
     plot: Annotated[bool, typer.Option("--plot/--no-plot", help="Write the figures under plots/ (default on).")]
     = True,
     plot_format: PlotFormatOpt = "png",
@@ -109,7 +110,7 @@ def alpha_hill_command(
     revision: RevisionOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
     out: Annotated[Path | None, typer.Option(
-        "--out", "-o", "--output-dir", help="Output directory [default: results/<model>/weights-alpha-hill/].")]
+        "--out", "-o", "--output-dir", help="Output directory (default: results/<model>/weights-alpha-hill/).")]
     = None,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
@@ -166,12 +167,13 @@ def write_plots(run, rows: list[dict], precisions: list[str], *, fmt: str, max_l
         run.save_figure(figure, f"plots/combined_batch_{number}", fmt=fmt)
     for category, figure in figures.alpha_vs_depth_figures(rows, precisions, label):
         run.save_figure(figure, f"plots/alpha_vs_depth_{_file_part(category)}", fmt=fmt)
-    names = progress.track(figures.individual_layer_figures(rows, precisions, label), "per-layer plots",
-                           total=len(rows))
-    for (number, figure), row in zip(names, rows):
-        # small per-layer figures: a lower dpi keeps hundreds of files quick to write
+    numbered = progress.track(figures.individual_layer_figures(rows, precisions, label), "per-layer plots",
+                              total=len(rows))
+    for (number, figure), row in zip(numbered, rows):
+        # Hundreds of per-layer figures share one fixed layout: skip the tight bounding box (a
+        # second full draw) and keep the figure open for the next matrix.
         run.save_figure(figure, f"plots/individual_layers/layer_{number:03d}_{_file_part(row['layer_name'])}",
-                        fmt=fmt, dpi=90)
+                        fmt, dpi=90, tight=False, close=False)
 
 
 def _file_part(name: str) -> str:
