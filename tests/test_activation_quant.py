@@ -206,6 +206,23 @@ def test_quant_error_fp8_per_token_matches_scaled_cast():
     assert row.mse == pytest.approx(expected, rel=1e-5)
 
 
+def test_quant_error_fp4_per_group_matches_grid_reference():
+    calib = tiny_calibration("llama")
+    result = aq.quant_error(calib, fmt="fp4", granularity="per-group", group_size=16)
+    inputs = capture_inputs(calib.lm.model, calib.windows)
+    name = "model.layers.0.mlp.down_proj"
+    groups = np.concatenate(inputs[name]).astype(np.float64).reshape(-1, 16)
+    scale = np.abs(groups).max(axis=1, keepdims=True) / 6.0
+    grid = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+    scaled = np.abs(groups / scale)
+    # nearest grid value (no exact ties occur in random activations)
+    nearest = grid[np.abs(scaled[..., None] - grid).argmin(axis=-1)] * np.sign(groups)
+    expected = float(np.square(groups - nearest * scale).mean())
+    row = next(r for r in result.modules if r.module == name)
+    assert row.format == "fp4_e2m1"
+    assert row.mse == pytest.approx(expected, rel=1e-4)
+
+
 def test_higher_bits_give_smaller_error():
     calib = tiny_calibration("gpt2")
     errors = [aq.quant_error(calib, bits=b).summary[-1].mse_pooled for b in (2, 4, 8)]
@@ -393,7 +410,7 @@ def test_plots_stay_readable_at_many_layers():
     (dict(bits=1), "--bits"),
     (dict(bits=17), "--bits"),
     (dict(fmt="int3x"), "--format"),
-    (dict(fmt="fp4"), "--format"),
+    (dict(fmt="fp6_e3m2"), "--format"),
     (dict(granularity="per-row"), "--granularity"),
     (dict(granularity="per-group"), "--group-size"),
     (dict(granularity="per-token", group_size=8), "--group-size"),
@@ -518,3 +535,8 @@ def test_cli_fgmp_end_to_end(cli, tmp_path, wikitext_path, embedded):
     summary = _read(out, "fgmp_summary")
     assert summary[-1]["scope"] == "model" and 0 < summary[-1]["high_share"] <= 1
     assert (out / "fgmp_sensitivity.png").is_file()
+    # the paper's own pairing: fp4 (E2M1) blocks against fp8 blocks
+    fp4 = cli("activations", "fgmp", "--dataset", wikitext_path, "--nsamples", "2", "--seqlen", "64",
+              "--low-format", "fp4", "--high-format", "fp8", "--block-size", "16", "--roles", "mlp.down",
+              "--out", tmp_path / "fgmp4", "--quiet")
+    assert fp4.code == 0, fp4

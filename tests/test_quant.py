@@ -334,3 +334,45 @@ def test_bad_input_raises_llmprobe_error():
     for call in bad_calls:
         with pytest.raises(LLMProbeError):
             call()
+
+
+# -- FP4 E2M1 -------------------------------------------------------------------------------------
+
+def _e2m1_reference(value: float) -> float:
+    """Plain-Python E2M1 rounding: nearest representable value, ties to the even mantissa."""
+    import math
+
+    if math.isnan(value):
+        return value
+    grid = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+    even = {0.0, 1.0, 2.0, 4.0}  # mantissa bit 0
+    magnitude = min(abs(value), 6.0)
+    best = min(grid, key=lambda g: (abs(g - magnitude), g not in even))
+    return math.copysign(best, value)
+
+
+def test_fp4_e2m1_matches_plain_loop_including_ties_and_saturation():
+    from llmprobe.quant import fake_quant_fp4
+
+    values = [0.0, 0.2, 0.25, 0.3, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 5.5, 7.0, 100.0, -0.75, -2.5, -5.0,
+              -9.0, float("inf"), float("-inf")]
+    x = torch.tensor(values + list(torch.linspace(-7, 7, 301).tolist()))
+    got = fake_quant_fp4(x)
+    want = torch.tensor([_e2m1_reference(v) for v in x.tolist()])
+    assert torch.equal(got, want)
+    assert torch.isnan(fake_quant_fp4(torch.tensor([float("nan")]))).all()
+
+
+def test_fp4_e2m1_per_group_scales_absmax_to_six():
+    from llmprobe.quant import quantize
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 32, dtype=torch.bfloat16)
+    got = quantize(x, "fp4_e2m1", granularity="per-group", group_size=16)
+    assert got.dtype == torch.float32
+    groups = x.float().reshape(-1, 16)
+    scale = groups.abs().amax(dim=1, keepdim=True) / 6.0
+    want = torch.tensor([[_e2m1_reference(v) for v in row] for row in (groups / scale).tolist()]) * scale
+    assert torch.allclose(got.reshape(-1, 16), want, rtol=0, atol=1e-6)
+    # every group's absmax survives exactly
+    assert torch.allclose(got.reshape(-1, 16).abs().amax(dim=1), groups.abs().amax(dim=1))

@@ -18,6 +18,10 @@ Formats (:data:`FORMATS`, validated by :func:`parse_format`)
     ``int2`` … ``int16``          uniform integer grid (``int8``/``int4`` included), symmetric or
                                   asymmetric, per-tensor / per-channel / per-token / per-group.
     ``nf4``                       4-bit NormalFloat (QLoRA), absmax per block of 64.
+    ``fp4_e2m1``                  the OCP 4-bit float (1 sign, 2 exponent, 1 mantissa bit): values
+                                  0, ±0.5, ±1, ±1.5, ±2, ±3, ±4, ±6, round to nearest, ties to
+                                  even, saturating at ±6. Scaled per group like fp8 (the element
+                                  type of MXFP4/NVFP4; the block scale here is kept in fp32).
 
 Integer grids (:func:`fake_quant_int`)
     symmetric:  ``scale = absmax / (2^(b-1) - 1)``, ``q = clamp(round(x/scale), -(2^(b-1)-1),
@@ -65,7 +69,8 @@ from llmprobe.errors import LLMProbeError
 
 INT_BITS_RANGE = range(2, 17)
 FLOAT_FORMATS = ("fp64", "fp32", "fp16", "bf16", "fp8_e4m3", "fp8_e5m2")
-FORMATS: tuple[str, ...] = FLOAT_FORMATS + tuple(f"int{bits}" for bits in INT_BITS_RANGE) + ("nf4",)
+FORMATS: tuple[str, ...] = (FLOAT_FORMATS + tuple(f"int{bits}" for bits in INT_BITS_RANGE)
+                            + ("nf4", "fp4_e2m1"))
 GRANULARITIES = ("per-tensor", "per-channel", "per-token", "per-group")
 FP8_GRANULARITIES = ("none",) + GRANULARITIES
 NF4_BLOCK_SIZE = 64
@@ -73,7 +78,10 @@ NF4_BLOCK_SIZE = 64
 _FP8_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 _CAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, **_FP8_DTYPES}
 _INT_FORMAT = re.compile(r"int(\d+)")
-_ACCEPTED_NAMES = "fp64, fp32, fp16, bf16, fp8_e4m3, fp8_e5m2, int2 … int16 (e.g. int8, int4), nf4"
+_ACCEPTED_NAMES = "fp64, fp32, fp16, bf16, fp8_e4m3, fp8_e5m2, int2 … int16 (e.g. int8, int4), nf4, fp4_e2m1"
+# Non-negative E2M1 values; the odd entries have mantissa bit 1 (ties round away from them).
+_E2M1_LEVELS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+E2M1_MAX = 6.0
 
 
 def parse_format(name: str) -> str:
@@ -301,6 +309,43 @@ def fake_quant_fp8(
     return restore(dequant)
 
 
+def _round_to_e2m1(x32: torch.Tensor) -> torch.Tensor:
+    """Nearest E2M1 value, ties to even mantissa, |x| > 6 saturated to ±6; NaN stays NaN."""
+    levels = torch.tensor(_E2M1_LEVELS, dtype=torch.float32, device=x32.device)
+    midpoints = (levels[1:] + levels[:-1]) / 2
+    magnitude = x32.abs().clamp(max=E2M1_MAX)
+    index = torch.bucketize(magnitude, midpoints)  # a tie lands on the lower level
+    odd_lower = (torch.arange(len(_E2M1_LEVELS) - 1, device=x32.device) % 2) == 1
+    at_tie = magnitude == midpoints[index.clamp(max=len(midpoints) - 1)]
+    index = torch.where(at_tie & odd_lower[index.clamp(max=len(midpoints) - 1)], index + 1, index)
+    rounded = torch.copysign(levels[index], x32)
+    return torch.where(torch.isnan(x32), x32, rounded)
+
+
+def fake_quant_fp4(
+    x: torch.Tensor,
+    *,
+    granularity: str = "none",
+    group_size: int | None = None,
+    axis: int = -1,
+) -> torch.Tensor:
+    """FP4 E2M1 round trip; ``granularity="none"`` snaps to the grid as is (saturating), anything
+    else first scales each group so its absmax maps to 6. fp32 result."""
+    if granularity not in FP8_GRANULARITIES:
+        raise LLMProbeError(
+            f"unknown fp4 granularity {granularity!r}; accepted: {', '.join(FP8_GRANULARITIES)}"
+        )
+    x32 = _as_fp32(x)
+    if granularity == "none":
+        return _round_to_e2m1(x32)
+    groups, restore = _grouped(x32, granularity, group_size, axis)
+    if x32.numel() == 0:
+        return x32.clone()
+    scale = groups.abs().amax(dim=1, keepdim=True) / E2M1_MAX
+    safe_scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return restore(_round_to_e2m1(groups / safe_scale) * safe_scale)
+
+
 def quantize(
     x: torch.Tensor,
     fmt: str,
@@ -319,6 +364,7 @@ def quantize(
     - ``int<N>``: :func:`fake_quant_int` with ``granularity``/``group_size``/``symmetric``/``axis``.
     - ``nf4``: :func:`fake_quant_nf4` with ``group_size`` as the block size (default 64);
       granularity and symmetric do not apply.
+    - ``fp4_e2m1``: :func:`fake_quant_fp4`, scaled per ``granularity`` like fp8 (``"none"``: as is).
     ``group_size`` is read only by per-group granularity and nf4.
     """
     fmt = parse_format(fmt)
@@ -328,6 +374,8 @@ def quantize(
         return fake_quant_fp8(x, fmt, granularity=granularity, group_size=group_size, axis=axis)
     if fmt == "nf4":
         return fake_quant_nf4(x, NF4_BLOCK_SIZE if group_size is None else group_size)
+    if fmt == "fp4_e2m1":
+        return fake_quant_fp4(x, granularity=granularity, group_size=group_size, axis=axis)
     bits = _int_bits(fmt)
     return fake_quant_int(
         x, bits, symmetric=symmetric, granularity=granularity, group_size=group_size, axis=axis

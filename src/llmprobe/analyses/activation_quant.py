@@ -62,7 +62,8 @@ GRANULARITIES = ("per-token", "per-tensor", "per-group")
 # Formats whose granularity is fixed by the format itself rather than by --granularity.
 _CAST_FORMATS = ("fp64", "fp32", "fp16", "bf16")
 NF4_DEFAULT_BLOCK = 64
-_FORMAT_HELP = "int (with --bits), int2 … int16, fp8 (= fp8_e4m3), fp8_e4m3, fp8_e5m2, nf4, fp16, bf16"
+_FORMAT_HELP = ("int (with --bits), int2 … int16, fp8 (= fp8_e4m3), fp8_e4m3, fp8_e5m2, fp4 (= fp4_e2m1), "
+                "nf4, fp16, bf16")
 
 
 # -- quantization spec ------------------------------------------------------------------------
@@ -127,6 +128,8 @@ def resolve_format(fmt: str, bits: int | None = None, option: str = "--format") 
         return f"int{check_bits(bits)}"
     if name == "fp8":
         return "fp8_e4m3"
+    if name == "fp4":
+        return "fp4_e2m1"
     try:
         return parse_format(name)
     except LLMProbeError:

@@ -256,7 +256,7 @@ def fgmp_command(
     block_size: Annotated[int, typer.Option(
         "--block-size", help="Features per block; each block has its own scale in both formats.")] = 32,
     low_format: Annotated[str, typer.Option(
-        "--low-format", help="Low-precision block format (int2..int16, fp8_e4m3, fp8_e5m2, nf4).")] = "int4",
+        "--low-format", help="Low-precision block format (int2..int16, fp4 = fp4_e2m1, fp8_e4m3, fp8_e5m2, nf4).")] = "int4",
     high_format: Annotated[str, typer.Option(
         "--high-format", help="High-precision block format (e.g. int8, fp8_e4m3).")] = "int8",
     keep_frac: Annotated[float, typer.Option(
