@@ -99,6 +99,12 @@ def resolve_exclude_tokens(tokenizer, tokens: Sequence[str]) -> frozenset[int]:
     return frozenset(ids)
 
 
+def check_site(site: str) -> str:
+    if site not in ("input", "output"):
+        raise LLMProbeError(f"unknown --site '{site}'; use input or output")
+    return site
+
+
 def hook_plan(mmap: ModuleMap, sites: Sequence[LinearSite], site: Site, backward: bool = False
               ) -> dict[str, LinearSite]:
     """Key -> the module to hook. Shared inputs are hooked once unless gradients are needed
@@ -180,8 +186,7 @@ def collect(lm_model: torch.nn.Module, mmap: ModuleMap, sites: Sequence[LinearSi
     pin_mmap_threshold()
     if windows.dim() != 2 or windows.shape[0] == 0:
         raise LLMProbeError("no calibration windows to run")
-    if site not in ("input", "output"):
-        raise LLMProbeError(f"unknown --site '{site}'; use input or output")
+    check_site(site)
     if backward and site != "input":
         raise LLMProbeError("gradient statistics are defined on module inputs; use --site input")
     token_filter = token_filter or TokenFilter()

@@ -23,6 +23,17 @@ from torch import nn
 
 from llmprobe.errors import LLMProbeError
 
+
+def compile_regex(regex: str | None) -> re.Pattern | None:
+    """A user's --filter pattern, or a one-line LLMProbeError naming what is wrong with it."""
+    if regex is None or regex == "":
+        return None
+    try:
+        return re.compile(regex)
+    except re.error as exc:
+        raise LLMProbeError(f"bad regex '{regex}': {exc}") from None
+
+
 ROLES = (
     "attn.q",
     "attn.k",
@@ -417,12 +428,7 @@ class ModuleMap:
         """
         wanted_roles = self._resolve_roles(roles)
         wanted_layers = self._resolve_layers(layers)
-        pattern = None
-        if regex is not None:
-            try:
-                pattern = re.compile(regex)
-            except re.error as exc:
-                raise LLMProbeError(f"bad regex {regex!r}: {exc}") from None
+        pattern = compile_regex(regex)
         keep_head = include_lm_head or (wanted_roles is not None and "lm_head" in wanted_roles)
 
         selected = []

@@ -14,7 +14,6 @@ the hub cache), a ``.gguf`` file, the embedded model, or an in-memory ``nn.Modul
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable, Iterator
 from functools import cached_property
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 
 from .errors import LLMProbeError
 from .loading import ModelSource, cache_root, load_config, resolve_source
+from .modulemap import compile_regex  # noqa: F401  (re-exported: weight commands import it from here)
 
 
 class WeightSource:
@@ -98,15 +98,6 @@ class WeightSource:
             return ModuleMap(self.model)
         trust = bool(self.source and self.source.trust_remote_code)
         return ModuleMap.from_config(self.config(), trust_remote_code=trust)
-
-
-def compile_regex(regex: str | None) -> re.Pattern | None:
-    if regex is None or regex == "":
-        return None
-    try:
-        return re.compile(regex)
-    except re.error as exc:
-        raise LLMProbeError(f"bad regex '{regex}': {exc}") from None
 
 
 def no_match_error(regex: str | None, names: list[str], what: str = "tensor") -> LLMProbeError:

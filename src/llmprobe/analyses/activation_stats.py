@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..collect import collect, unescape_token
+from ..collect import check_site, collect, unescape_token
 from ..collectors import ChannelCollector, MomentCollector, TokenCollector
 from ..errors import LLMProbeError
 from ..modulemap import ROLES, LinearSite
@@ -38,7 +38,6 @@ from .calibration import Calibration
 Tables = dict[str, list[Record]]
 
 ESTIMATOR = "excess_fisher_biased"
-SITES = ("input", "output")
 RANK_BY = ("max", "mean")
 DOWN_PROJ_ROLES = ("mlp.down", "mlp.fc2")
 
@@ -269,12 +268,6 @@ class ChannelNormSummary(Record):
 
 
 # -- plumbing --------------------------------------------------------------------------------
-
-
-def check_site(site: str) -> str:
-    if site not in SITES:
-        raise LLMProbeError(f"unknown --site '{site}'; use input or output")
-    return site
 
 
 def check_top_k(top_k: int) -> int:

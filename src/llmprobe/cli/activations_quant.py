@@ -15,6 +15,7 @@ import typer
 
 from .. import progress
 from ..analyses import activation_quant as aq
+from ..collect import check_site
 from ..errors import LLMProbeError
 from ..plots import activation_quant as plots
 from .activations import (
@@ -76,8 +77,7 @@ def _start(quiet: bool, plot_format: str, batch_size: int, site: str) -> None:
         progress.set_quiet(True)
     check_plot_format(plot_format)
     check_range("--batch-size", batch_size, low=1)
-    if site not in ("input", "output"):
-        raise LLMProbeError(f"unknown --site '{site}'; use input or output")
+    check_site(site)
 
 
 def _gradient_site(site: str, command: str) -> None:
