@@ -41,7 +41,7 @@ def _stats_functions():
 
         return magnitude, kurtosis, "activation_stats"
     except ImportError:
-        from llmprobe.collect import collect
+        from llmprobe.core.collect import collect
 
         class MomentsAbsMax:
             def __init__(self):
@@ -96,8 +96,8 @@ def _sync(device: str) -> None:
 
 def timings(args) -> list[dict]:
     from llmprobe.analyses.activation_quant import fisher, quant_error
-    from llmprobe.analyses.calibration import prepare
-    from llmprobe.loading import load_model
+    from llmprobe.core.calibration import prepare
+    from llmprobe.core.loading import load_model
 
     lm = load_model(None, dtype="fp32", device=args.device)
     calib = prepare(lm, dataset=args.dataset, nsamples=args.windows, seqlen=args.seqlen, seed=0)
@@ -131,8 +131,8 @@ def timings(args) -> list[dict]:
 _CHILD = """
 import torch
 {threads}
-from llmprobe.analyses.calibration import prepare
-from llmprobe.loading import load_model
+from llmprobe.core.calibration import prepare
+from llmprobe.core.loading import load_model
 import sys
 sys.path.insert(0, {bench_dir!r})
 from activations import _stats_functions, bare_forward

@@ -10,7 +10,7 @@ One run, same process, same weights, same thread count:
   ``--fit powerlaw`` (fp64; the fit comparable to WeightWatcher's alpha).
 * **WeightWatcher** — ``WeightWatcher(model=...).analyze()`` with its defaults (power-law fit with
   its own powerlaw package, no plots, no randomization, no MP fit), on the model loaded by
-  ``llmprobe.loading.load_model()``. Its defaults analyse Linear and Embedding layers with
+  ``llmprobe.core.loading.load_model()``. Its defaults analyse Linear and Embedding layers with
   8 <= #evals <= 15000 and N <= 50000, which on SmolLM2 is the 210 block linears, the token
   embedding and the tied lm_head (the same matrix again; llmprobe reads the checkpoint, where
   it is stored once, so it decomposes 211 matrices to WeightWatcher's 212).
@@ -61,7 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import markdown_table, timer
 
 from llmprobe.analyses.alpha_hill import alpha_hill_analysis
-from llmprobe.weightsource import WeightSource
+from llmprobe.core.weightsource import WeightSource
 
 HEADLINE = "llmprobe alpha-hill fp32 (hill, default: fp32 spectra)"
 FP64 = "llmprobe alpha-hill fp32 (hill, --spectrum-dtype fp64)"
@@ -102,7 +102,7 @@ def correlations(ours: np.ndarray, theirs: np.ndarray) -> dict:
 
 def main(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
-    from llmprobe.loading import load_model
+    from llmprobe.core.loading import load_model
 
     timings: dict[str, float] = {}
     with timer(timings, "load_model (excluded)"):

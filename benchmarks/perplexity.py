@@ -39,7 +39,7 @@ def load_times() -> dict:
     code = ("import time; t=time.perf_counter(); import torch, transformers; "
             "from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer; "
             "import transformers.models.llama.modeling_llama, transformers.models.llama.configuration_llama; "
-            "from llmprobe.loading import load_model; i=time.perf_counter()-t; t=time.perf_counter(); "
+            "from llmprobe.core.loading import load_model; i=time.perf_counter()-t; t=time.perf_counter(); "
             "load_model(None, dtype='fp32', device='cpu'); print(i, time.perf_counter()-t)")
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "LLMPROBE_CACHE": cache, "LLMPROBE_PROGRESS": "0"}
@@ -71,8 +71,8 @@ def main() -> None:
                               {"step": "later load_model() (cached safetensors)", "seconds": times["second_load_s"]}]))
         return
     from llmprobe.analyses.perplexity import perplexity
-    from llmprobe.data import eval_windows, load_corpus, tokenize_corpus
-    from llmprobe.loading import load_model
+    from llmprobe.core.data import eval_windows, load_corpus, tokenize_corpus
+    from llmprobe.core.loading import load_model
 
     dtype = "fp32" if args.device == "cpu" else "bf16"
     lm = load_model(None, dtype=dtype, device=args.device)

@@ -49,7 +49,7 @@ def build_checkpoint(directory: Path, *, hidden: int, intermediate: int, layers:
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
-    from llmprobe.modulemap import ModuleMap
+    from llmprobe.core.modulemap import ModuleMap
 
     config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab,

@@ -63,7 +63,7 @@ def wikitext_path() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def embedded():
     """The embedded SmolLM2-135M loaded once per test session (fp32, CPU)."""
-    from llmprobe.loading import load_model
+    from llmprobe.core.loading import load_model
 
     return load_model(None, dtype="fp32", device="cpu")
 

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from tiny import save_tiny_model_dir, tiny_model, tiny_tokenizer
 
 from llmprobe.analyses import activation_quant as aq
-from llmprobe.analyses.calibration import prepare
-from llmprobe.errors import LLMProbeError
-from llmprobe.loading import LoadedModel, ModelSource
+from llmprobe.core.calibration import prepare
+from llmprobe.core.errors import LLMProbeError
+from llmprobe.core.loading import LoadedModel, ModelSource
 
 ARCHS = ("llama", "gpt2")
 N_WINDOWS, SEQLEN = 3, 16

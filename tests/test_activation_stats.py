@@ -23,11 +23,11 @@ from tiny import BOS_ID, save_tiny_model_dir
 from torch import nn
 
 from llmprobe.analyses import activation_stats as stats
-from llmprobe.analyses.calibration import prepare
-from llmprobe.collect import Batch, collect
-from llmprobe.collectors import ChannelCollector, MomentCollector, Moments, TokenCollector
-from llmprobe.loading import load_model
-from llmprobe.modulemap import ModuleMap
+from llmprobe.core.calibration import prepare
+from llmprobe.core.collect import Batch, collect
+from llmprobe.core.collectors import ChannelCollector, MomentCollector, Moments, TokenCollector
+from llmprobe.core.loading import load_model
+from llmprobe.core.modulemap import ModuleMap
 
 # Two shared CPU cores: one intra-op thread is much faster than two threads fighting.
 torch.set_num_threads(1)
@@ -447,7 +447,7 @@ def test_prompt_matches_reference(tiny_lm):
 
 
 def test_prompt_rejects_empty_text(tiny_lm):
-    from llmprobe.errors import LLMProbeError
+    from llmprobe.core.errors import LLMProbeError
 
     with pytest.raises(LLMProbeError, match="empty"):
         stats.prompt_windows(tiny_lm("llama"), "   ")

@@ -16,9 +16,9 @@ from conftest import assert_one_line_error
 from safetensors.torch import load_file, save_file
 from tiny import save_tiny_model_dir, tiny_model
 
-from llmprobe import spectral
+from llmprobe.core import spectral
 from llmprobe.analyses.alpha_hill import alpha_hill_analysis
-from llmprobe.weightsource import WeightSource
+from llmprobe.core.weightsource import WeightSource
 
 PRECISIONS = ("fp32", "fp16", "bf16", "fp64", "int8")
 SEED_RESULT_LEAD = ["layer_name", "category", "out_features", "in_features", "numel"]
@@ -31,7 +31,7 @@ LLAMA_CATEGORIES = ["attn_q", "attn_k", "attn_v", "attn_o", "mlp_gate", "mlp_up"
 
 
 def reference_cast(weight: np.ndarray, precision: str, channel_axis: int = 1) -> np.ndarray:
-    """The weight put through a precision, written independently of llmprobe.quant (float64 out).
+    """The weight put through a precision, written independently of llmprobe.core.quant (float64 out).
     int8: symmetric, one scale per output channel (``channel_axis`` is the axis reduced over)."""
     w32 = weight.astype(np.float32)
     if precision in ("fp32", "fp64"):
@@ -351,7 +351,7 @@ def test_bad_input_is_one_line_and_writes_nothing(cli, llama_dir, tmp_path, args
 
 
 def test_library_rejects_bad_options(llama_dir):
-    from llmprobe.errors import LLMProbeError
+    from llmprobe.core.errors import LLMProbeError
 
     with pytest.raises(LLMProbeError, match="k-frac"):
         alpha_hill_analysis(str(llama_dir), k_frac=float("nan"))

@@ -1,4 +1,4 @@
-"""Tests for llmprobe.data: corpus loading, tokenization, evaluation and calibration windows.
+"""Tests for llmprobe.core.data: corpus loading, tokenization, evaluation and calibration windows.
 
 Everything runs offline on small files written into tmp_path plus the shared WikiText-2 test
 file; window tests use synthetic ids (torch.arange) so they need no tokenizer.
@@ -16,8 +16,8 @@ import pandas as pd
 import pytest
 import torch
 
-from llmprobe import data
-from llmprobe.data import (
+from llmprobe.core import data
+from llmprobe.core.data import (
     Corpus,
     Window,
     bits_per_byte,
@@ -28,7 +28,7 @@ from llmprobe.data import (
     load_corpus,
     tokenize_corpus,
 )
-from llmprobe.errors import LLMProbeError
+from llmprobe.core.errors import LLMProbeError
 
 WIKI_TEST = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2-raw/wiki.test.raw"
 needs_wiki = pytest.mark.skipif(not WIKI_TEST.is_file(), reason="shared WikiText-2 test file not present")

@@ -17,8 +17,8 @@ from llmprobe.analyses.embeddings import (
     fine_k_grid,
     standardize,
 )
-from llmprobe.errors import LLMProbeError
-from llmprobe.weightsource import WeightSource
+from llmprobe.core.errors import LLMProbeError
+from llmprobe.core.weightsource import WeightSource
 
 TRUE_K = 5
 

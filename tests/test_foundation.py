@@ -9,10 +9,10 @@ import torch
 from conftest import assert_one_line_error
 from tiny import save_tiny_model_dir, tiny_tokenizer
 
-from llmprobe.errors import LLMProbeError
-from llmprobe.loading import load_model, resolve_source
-from llmprobe.output import RunOutput
-from llmprobe.records import Record
+from llmprobe.core.errors import LLMProbeError
+from llmprobe.core.loading import load_model, resolve_source
+from llmprobe.core.output import RunOutput
+from llmprobe.core.records import Record
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +138,7 @@ def test_corrupt_safetensors_is_one_line(cli, tmp_path, llama_dir):
 
 
 def test_truncated_gguf_is_one_line(cli, tmp_path):
-    from llmprobe.loading import embedded_gguf_path
+    from llmprobe.core.loading import embedded_gguf_path
 
     data = embedded_gguf_path().read_bytes()
     bad = tmp_path / "cut.gguf"
@@ -155,7 +155,7 @@ def test_embedded_model_loads_from_cache_and_predicts(embedded):
     with torch.no_grad():
         token = embedded.model(ids).logits[0, -1].argmax()
     assert embedded.tokenizer.decode(token).strip() == "Paris"
-    from llmprobe.loading import converted_gguf_dir, embedded_gguf_path
+    from llmprobe.core.loading import converted_gguf_dir, embedded_gguf_path
 
     cached = converted_gguf_dir(embedded_gguf_path(), name="SmolLM2-135M-Instruct")
     assert (cached / "model.safetensors").is_file() and (cached / "config.json").is_file()
@@ -291,7 +291,7 @@ def _sliding_reference(model, ids, seqlen, stride):
 
 
 def test_perplexity_matches_plain_loop_tiny(cli, tmp_path, llama_dir, wikitext_path):
-    from llmprobe.data import load_corpus, tokenize_corpus
+    from llmprobe.core.data import load_corpus, tokenize_corpus
 
     text = _small_text(tmp_path, wikitext_path)
     lm = load_model(str(llama_dir), dtype="fp32", device="cpu")
@@ -310,7 +310,7 @@ def test_perplexity_matches_plain_loop_tiny(cli, tmp_path, llama_dir, wikitext_p
 
 def test_sliding_window_matches_hf_guide(tmp_path, llama_dir, wikitext_path):
     from llmprobe.analyses.perplexity import perplexity
-    from llmprobe.data import load_corpus, tokenize_corpus
+    from llmprobe.core.data import load_corpus, tokenize_corpus
 
     lm = load_model(str(llama_dir), dtype="fp32", device="cpu")
     ids = tokenize_corpus(load_corpus(str(_small_text(tmp_path, wikitext_path))), lm.tokenizer)[:700]
@@ -322,7 +322,7 @@ def test_sliding_window_matches_hf_guide(tmp_path, llama_dir, wikitext_path):
 
 @pytest.mark.slow
 def test_perplexity_embedded_matches_plain_hf_loop(cli, tmp_path, embedded, wikitext_path):
-    from llmprobe.data import load_corpus, tokenize_corpus
+    from llmprobe.core.data import load_corpus, tokenize_corpus
 
     ids = tokenize_corpus(load_corpus(str(wikitext_path)), embedded.tokenizer)
     ppl, nll, count = _plain_hf_loop(embedded.model, ids, 256, 3)

@@ -8,8 +8,8 @@ import pytest
 import scipy.linalg
 import torch
 
-from llmprobe.errors import LLMProbeError
-from llmprobe.hadamard import can_build, hadamard_matrix, hadamard_transform, plan_for
+from llmprobe.core.errors import LLMProbeError
+from llmprobe.core.hadamard import can_build, hadamard_matrix, hadamard_transform, plan_for
 
 torch.set_num_threads(1)
 

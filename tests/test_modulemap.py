@@ -11,8 +11,8 @@ from safetensors import safe_open
 from tiny import ARCHS, save_tiny_model_dir, shard_files, tiny_config, tiny_model, tiny_tokenizer
 from torch import nn
 
-from llmprobe.errors import LLMProbeError
-from llmprobe.modulemap import ROLES, LinearSite, ModuleMap
+from llmprobe.core.errors import LLMProbeError
+from llmprobe.core.modulemap import ROLES, LinearSite, ModuleMap
 
 LLAMA_ROLES = {"attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down"}
 SPLIT_QKV_FC = {"attn.q", "attn.k", "attn.v", "attn.o", "mlp.fc1", "mlp.fc2"}

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from llmprobe.errors import LLMProbeError
-from llmprobe.quant import (
+from llmprobe.core.errors import LLMProbeError
+from llmprobe.core.quant import (
     FORMATS,
     cast_to,
     fake_quant_fp8,
@@ -352,7 +352,7 @@ def _e2m1_reference(value: float) -> float:
 
 
 def test_fp4_e2m1_matches_plain_loop_including_ties_and_saturation():
-    from llmprobe.quant import fake_quant_fp4
+    from llmprobe.core.quant import fake_quant_fp4
 
     values = [0.0, 0.2, 0.25, 0.3, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 5.5, 7.0, 100.0, -0.75, -2.5, -5.0,
               -9.0, float("inf"), float("-inf")]
@@ -364,7 +364,7 @@ def test_fp4_e2m1_matches_plain_loop_including_ties_and_saturation():
 
 
 def test_fp4_e2m1_per_group_scales_absmax_to_six():
-    from llmprobe.quant import quantize
+    from llmprobe.core.quant import quantize
 
     torch.manual_seed(0)
     x = torch.randn(4, 32, dtype=torch.bfloat16)

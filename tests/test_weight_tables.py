@@ -28,8 +28,8 @@ from llmprobe.analyses.weight_tables import (
     weight_spectrum,
     weight_stats,
 )
-from llmprobe.errors import LLMProbeError
-from llmprobe.weightsource import WeightSource
+from llmprobe.core.errors import LLMProbeError
+from llmprobe.core.weightsource import WeightSource
 
 SEED_COLUMNS_AT_90 = [c.replace("{E}", "90") for c in SEED_MATRIX_COLUMNS]
 

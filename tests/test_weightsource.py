@@ -12,9 +12,9 @@ import pytest
 import torch
 from tiny import save_tiny_model_dir, shard_files, tiny_model
 
-from llmprobe.errors import LLMProbeError
-from llmprobe.loading import embedded_gguf_path, resolve_source
-from llmprobe.weightsource import (
+from llmprobe.core.errors import LLMProbeError
+from llmprobe.core.loading import embedded_gguf_path, resolve_source
+from llmprobe.core.weightsource import (
     GGUFSource,
     ModelWeights,
     SafetensorsSource,

@@ -39,7 +39,7 @@ Four analyses, each one streaming pass over the calibration windows with :func:`
     block-scaled formats the paper targets). Blocks are ranked over the whole model and the top
     ``keep_frac`` fraction is marked as kept in the high format.
 
-Every statistic is accumulated in fp64 from fp32 fake quantization (:mod:`llmprobe.quant`);
+Every statistic is accumulated in fp64 from fp32 fake quantization (:mod:`llmprobe.core.quant`);
 nothing keeps activation tensors beyond one forward pass.
 """
 
@@ -51,12 +51,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..collect import Batch, Site, collect, sites_for_key
-from ..errors import LLMProbeError
-from ..modulemap import LinearSite
-from ..quant import INT_BITS_RANGE, parse_format, quantize
-from ..records import Record
-from .calibration import Calibration
+from ..core.collect import Batch, Site, collect, sites_for_key
+from ..core.errors import LLMProbeError
+from ..core.modulemap import LinearSite
+from ..core.quant import INT_BITS_RANGE, parse_format, quantize
+from ..core.records import Record
+from ..core.calibration import Calibration
 
 GRANULARITIES = ("per-token", "per-tensor", "per-group")
 # Formats whose granularity is fixed by the format itself rather than by --granularity.

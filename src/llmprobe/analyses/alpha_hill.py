@@ -4,11 +4,11 @@ For each selected 2-D weight ``W`` and each precision ``p``:
 
 1. ``W`` is read once from the weight source and cast to ``load_dtype`` (the seed loaded the
    whole model in ``--load-dtype``; a bf16 load rounds every weight to bf16 before anything else).
-2. ``W_p = quantize(W, p)`` (:mod:`llmprobe.quant`): a cast for fp64/fp32/fp16/bf16, scaled fp8
+2. ``W_p = quantize(W, p)`` (:mod:`llmprobe.core.quant`): a cast for fp64/fp32/fp16/bf16, scaled fp8
    (one absmax scale per output channel), symmetric per-output-channel integers for ``int<N>``,
    NF4 blocks of 64. Per-channel means per *output* row; for GPT-2 ``Conv1D`` weights (stored
    ``[in, out]``) the scale runs along the stored columns instead.
-3. ``λ = σ(W_p)²`` (no normalization), from :mod:`llmprobe.spectral`. ``W_p`` holds values of
+3. ``λ = σ(W_p)²`` (no normalization), from :mod:`llmprobe.core.spectral`. ``W_p`` holds values of
    format ``p`` (all exactly representable in fp32/fp64); the arithmetic of its spectrum is
    ``spectrum_dtype``:
 
@@ -33,7 +33,7 @@ For each selected 2-D weight ``W`` and each precision ``p``:
    Method: eigenvalues of the smaller Gram matrix (``gram-fp64`` / ``gram-fp32``), matrices
    grouped by shape. The Gram route resolves the top of the spectrum, which is all Alpha-Hill
    and the norms read, to full precision. With ``fit="powerlaw"`` the KS scan reads the whole
-   spectrum, so :mod:`llmprobe.spectral`'s guard recomputes a matrix with ``svdvals``
+   spectrum, so :mod:`llmprobe.core.spectral`'s guard recomputes a matrix with ``svdvals``
    (``svd-fp64``) when its smallest σ is below what the Gram route resolves.
 
 4. Estimators (from the same λ): Alpha-Hill ``α = 1 + k / Σ_{i≤k} ln(λ_i/λ_{k+1})`` with
@@ -68,12 +68,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..errors import LLMProbeError
-from ..modulemap import ROLES
-from ..progress import track
-from ..quant import FORMATS, parse_format, quantize
-from ..records import Record
-from ..spectral import (
+from ..core.errors import LLMProbeError
+from ..core.modulemap import ROLES
+from ..core.progress import track
+from ..core.quant import FORMATS, parse_format, quantize
+from ..core.records import Record
+from ..core.spectral import (
     NON_FINITE_METHOD,
     all_finite,
     alpha_hill,
@@ -84,7 +84,7 @@ from ..spectral import (
     singular_values_batched,
     stable_rank,
 )
-from ..weightsource import WeightSource, compile_regex, no_match_error
+from ..core.weightsource import WeightSource, compile_regex, no_match_error
 
 logger = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ def check_load_dtype(load_dtype: str) -> torch.dtype:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    from ..loading import resolve_device as resolve
+    from ..core.loading import resolve_device as resolve
 
     return device if isinstance(device, torch.device) else resolve(device)
 

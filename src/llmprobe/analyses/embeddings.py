@@ -40,9 +40,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .. import progress
-from ..errors import LLMProbeError
-from ..records import Record
+from ..core import progress
+from ..core.errors import LLMProbeError
+from ..core.records import Record
 
 CRITERION = "calinski_harabasz"  # = one-way ANOVA F of the clustering (seed 003's "ANOVA")
 STANDARDIZATION = "zscore_per_feature_column"

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..loading import ModelSource, load_config
-from ..modulemap import ModuleMap
-from ..records import Record
+from ..core.loading import ModelSource, load_config
+from ..core.modulemap import ModuleMap
+from ..core.records import Record
 
 
 class ModelInfo(Record):

@@ -20,11 +20,11 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .. import progress
-from ..data import Window, eval_windows
-from ..errors import LLMProbeError
-from ..loading import LoadedModel
-from ..records import Record
+from ..core import progress
+from ..core.data import Window, eval_windows
+from ..core.errors import LLMProbeError
+from ..core.loading import LoadedModel
+from ..core.records import Record
 
 
 class PerplexityResult(Record):

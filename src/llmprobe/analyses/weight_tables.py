@@ -1,6 +1,6 @@
 """Per-tensor weight tables: ``weights stats``, ``weights spectrum`` and ``weights bops``.
 
-All three read a :class:`~llmprobe.weightsource.WeightSource`, so they never build the model:
+All three read a :class:`~llmprobe.core.weightsource.WeightSource`, so they never build the model:
 tensors are loaded one at a time (stats) or in small same-shape batches (spectrum), and BOPs needs
 only shapes. Layer index and role of every tensor come from the module map (structure, not name
 splitting), so layer 0 is a layer and MLP matrices get their MLP roles.
@@ -19,7 +19,7 @@ splitting), so layer 0 is a layer and MLP matrices get their MLP roles.
 
 ``weight_spectrum``
     Per 2-D floating-point tensor: the singular values of the full matrix (never cropped) in fp64
-    through :mod:`llmprobe.spectral` with ``need_small=True`` (the Gram path is kept only where its
+    through :mod:`llmprobe.core.spectral` with ``need_small=True`` (the Gram path is kept only where its
     accuracy guard says the small singular values are resolved; otherwise svdvals). Ranks and
     norms all come from that one spectrum. Same-shape matrices go through the batched path.
     A matrix with NaN/Inf is not decomposed: its row has ``status="non_finite"``, NaN norms and
@@ -48,11 +48,11 @@ from itertools import chain
 
 import torch
 
-from .. import progress, spectral
-from ..errors import LLMProbeError
-from ..modulemap import ModuleMap
-from ..records import Record
-from ..weightsource import WeightSource, compile_regex, no_match_error
+from ..core import progress, spectral
+from ..core.errors import LLMProbeError
+from ..core.modulemap import ModuleMap
+from ..core.records import Record
+from ..core.weightsource import WeightSource, compile_regex, no_match_error
 
 KURTOSIS_ESTIMATOR = "fisher_excess_population"  # m4/m2^2 - 3; scipy kurtosis(fisher=True, bias=True)
 # Elements converted to fp64 at a time: 256K elements = 2 MB per temporary, small enough to stay
@@ -472,7 +472,7 @@ def weight_spectrum(ws: WeightSource, regex: str | None = None, rank_rtol: float
     """One :class:`WeightSpectrum` per 2-D floating-point tensor matching ``regex``.
 
     Matrices are read one at a time and grouped by shape; each group goes to
-    :func:`llmprobe.spectral.singular_values_batched` in batches of at most ``max_batch_bytes``
+    :func:`llmprobe.core.spectral.singular_values_batched` in batches of at most ``max_batch_bytes``
     (fp64 matrix + Gram matrix), so memory stays near one batch whatever the model size.
     """
     rank_rtol = check_rank_rtol(rank_rtol)

@@ -11,8 +11,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..analyses.calibration import Calibration, prepare
-from ..loading import load_model
+from ..core.calibration import Calibration, prepare
+from ..core.loading import load_model
 from .common import check_range, source_from
 
 app = typer.Typer(no_args_is_help=True)
@@ -32,7 +32,7 @@ BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Windows per for
 
 def parse_layers(spec: str | None) -> list[int] | None:
     """'0,5,10' / '0-3' / '0-3,8' -> list of ints."""
-    from ..errors import LLMProbeError
+    from ..core.errors import LLMProbeError
 
     if spec is None or spec.strip() == "":
         return None

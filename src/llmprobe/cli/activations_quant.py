@@ -13,10 +13,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from .. import progress
+from ..core import progress
 from ..analyses import activation_quant as aq
-from ..collect import check_site
-from ..errors import LLMProbeError
+from ..core.collect import check_site
+from ..core.errors import LLMProbeError
 from ..plots import activation_quant as plots
 from .activations import (
     BatchSizeOpt,

@@ -13,11 +13,11 @@ from typing import Annotated
 
 import typer
 
-from .. import progress
+from ..core import progress
 from ..analyses import activation_stats as stats
-from ..analyses.calibration import prepare
-from ..errors import LLMProbeError
-from ..loading import load_model
+from ..core.calibration import prepare
+from ..core.errors import LLMProbeError
+from ..core.loading import load_model
 from .activations import (
     BatchSizeOpt,
     ExcludeBosOpt,

@@ -10,8 +10,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from .. import __version__, progress
-from ..errors import LLMProbeError
+from .. import __version__
+
+from ..core import progress
+from ..core.errors import LLMProbeError
 
 # Typer vendors click (typer._click) from 0.2x on; older Typer raises plain click's classes.
 try:
@@ -80,7 +82,7 @@ def schema(name: Annotated[Optional[str], typer.Argument(help="Record name; omit
     import json
 
     from .. import analyses
-    from ..records import record_type, record_types
+    from ..core.records import record_type, record_types
 
     for info in pkgutil.walk_packages(analyses.__path__, analyses.__name__ + "."):
         importlib.import_module(info.name)

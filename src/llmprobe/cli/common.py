@@ -13,11 +13,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .. import progress
-from ..errors import LLMProbeError
-from ..loading import ModelSource, resolve_source
-from ..output import RunOutput, default_out_dir, dumps_json
-from ..records import Record
+from ..core import progress
+from ..core.errors import LLMProbeError
+from ..core.loading import ModelSource, resolve_source
+from ..core.output import RunOutput, default_out_dir, dumps_json
+from ..core.records import Record
 
 stdout_console = Console(soft_wrap=False)
 

@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 import typer
 
 from ..analyses.perplexity import check_seqlen, default_seqlen, perplexity
-from ..data import load_corpus, tokenize_corpus
-from ..loading import load_model
+from ..core.data import load_corpus, tokenize_corpus
+from ..core.loading import load_model
 from .common import (
     DatasetOpt,
     DeviceMapOpt,

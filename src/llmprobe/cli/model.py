@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .. import progress
+from ..core import progress
 from ..analyses.model_info import layer_census, model_info, structure_map
 from .activations import LayersOpt, RolesOpt, parse_layers
 from .common import (

@@ -16,7 +16,7 @@ from typing import Annotated
 
 import typer
 
-from .. import progress
+from ..core import progress
 from ..analyses.alpha_hill import (
     DEFAULT_PRECISIONS,
     alpha_hill_analysis,
@@ -28,8 +28,8 @@ from ..analyses.alpha_hill import (
     resolve_device,
     select_matrices,
 )
-from ..errors import LLMProbeError
-from ..weightsource import WeightSource, compile_regex
+from ..core.errors import LLMProbeError
+from ..core.weightsource import WeightSource, compile_regex
 from .common import (
     DeviceOpt,
     JsonOpt,

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from .. import progress
+from ..core import progress
 from ..analyses.embeddings import (
     DEFAULT_FIT_SAMPLE,
     DEFAULT_MAX_K,
@@ -20,9 +20,9 @@ from ..analyses.embeddings import (
     embedding_clusters,
     find_embedding_tensor,
 )
-from ..errors import LLMProbeError
-from ..loading import load_tokenizer
-from ..weightsource import WeightSource
+from ..core.errors import LLMProbeError
+from ..core.loading import load_tokenizer
+from ..core.weightsource import WeightSource
 from .common import (
     JsonOpt,
     ModelOpt,

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from .. import progress
+from ..core import progress
 from ..analyses.weight_tables import (
     bops,
     bops_summary,
@@ -25,7 +25,7 @@ from ..analyses.weight_tables import (
     weight_spectrum,
     weight_stats,
 )
-from ..weightsource import WeightSource
+from ..core.weightsource import WeightSource
 from .common import (
     DeviceOpt,
     JsonOpt,
@@ -197,8 +197,8 @@ def _module_map_for_shapes(source):
     """Shapes come from the config alone. A hub model's config is a small download, where opening
     its weight source would fetch every safetensors shard."""
     if source.kind == "hub":
-        from ..loading import load_config
-        from ..modulemap import ModuleMap
+        from ..core.loading import load_config
+        from ..core.modulemap import ModuleMap
 
         return ModuleMap.from_config(load_config(source), trust_remote_code=source.trust_remote_code)
     return WeightSource.open(source).module_map

@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from ..modulemap import ROLES  # noqa: E402
+from ..core.modulemap import ROLES  # noqa: E402
 
 
 def _width_for_layers(n_layers: int, base: float = 6.0) -> float:

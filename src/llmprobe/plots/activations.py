@@ -23,7 +23,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from ..modulemap import ROLES
+from ..core.modulemap import ROLES
 
 MAX_TICK_LABELS = 40
 PANELS_PER_FIGURE = 12

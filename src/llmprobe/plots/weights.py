@@ -17,7 +17,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from ..modulemap import ROLES
+from ..core.modulemap import ROLES
 
 
 def _roles_in_order(roles) -> list[str]:

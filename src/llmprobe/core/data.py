@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmprobe.errors import LLMProbeError
+from .errors import LLMProbeError
 
 # The GPTQ / SparseGPT / Wanda evaluation joins dataset rows with a blank line.
 DEFAULT_JOINER = "\n\n"

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from llmprobe.errors import LLMProbeError
+from .errors import LLMProbeError
 
 GRAM_GUARD_FACTOR = 1e3
 DEFAULT_MAX_BATCH_BYTES = 1 << 30

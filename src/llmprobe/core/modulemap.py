@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from llmprobe.errors import LLMProbeError
+from .errors import LLMProbeError
 
 
 def compile_regex(regex: str | None) -> re.Pattern | None:

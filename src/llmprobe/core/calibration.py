@@ -8,11 +8,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..collect import TokenFilter, resolve_exclude_tokens
-from ..data import Corpus, calibration_windows, load_corpus, tokenize_corpus
-from ..errors import LLMProbeError
-from ..loading import LoadedModel
-from ..modulemap import LinearSite, ModuleMap
+from .collect import TokenFilter, resolve_exclude_tokens
+from .data import Corpus, calibration_windows, load_corpus, tokenize_corpus
+from .errors import LLMProbeError
+from .loading import LoadedModel
+from .modulemap import LinearSite, ModuleMap
 
 ROTATIONS = ("none", "hadamard")
 
@@ -44,7 +44,7 @@ def rotation_fn(rotate: str | None) -> Callable[[torch.Tensor], torch.Tensor] | 
     if rotate in (None, "none"):
         return None
     if rotate == "hadamard":
-        from ..hadamard import hadamard_transform
+        from .hadamard import hadamard_transform
 
         return hadamard_transform
     raise LLMProbeError(f"unknown --rotate '{rotate}'; use one of {', '.join(ROTATIONS)}")

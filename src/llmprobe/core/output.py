@@ -24,7 +24,7 @@ from typing import Any
 
 import pandas as pd
 
-from . import __version__
+from .. import __version__
 from .errors import LLMProbeError
 from .records import Record
 

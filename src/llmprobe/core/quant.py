@@ -65,7 +65,7 @@ import re
 
 import torch
 
-from llmprobe.errors import LLMProbeError
+from .errors import LLMProbeError
 
 INT_BITS_RANGE = range(2, 17)
 FLOAT_FORMATS = ("fp64", "fp32", "fp16", "bf16", "fp8_e4m3", "fp8_e5m2")

@@ -1,4 +1,4 @@
-"""Streaming statistics that :func:`llmprobe.collect.collect` feeds with hooked activations.
+"""Streaming statistics that :func:`llmprobe.core.collect.collect` feeds with hooked activations.
 
 Each collector folds every ``[T, F]`` batch into running state and drops the batch, so memory
 depends on the number of hooked keys and features, never on the number of windows — except for
