@@ -51,12 +51,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..core.calibration import Calibration
 from ..core.collect import Batch, Site, collect, sites_for_key
 from ..core.errors import LLMProbeError
 from ..core.modulemap import LinearSite
 from ..core.quant import INT_BITS_RANGE, parse_format, quantize
 from ..core.records import Record
-from ..core.calibration import Calibration
 
 GRANULARITIES = ("per-token", "per-tensor", "per-group")
 # Formats whose granularity is fixed by the format itself rather than by --granularity.

@@ -28,12 +28,12 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..core.calibration import Calibration
 from ..core.collect import check_site, collect, unescape_token
 from ..core.collectors import ChannelCollector, MomentCollector, TokenCollector
 from ..core.errors import LLMProbeError
 from ..core.modulemap import ROLES, LinearSite
 from ..core.records import Record
-from ..core.calibration import Calibration
 
 Tables = dict[str, list[Record]]
 

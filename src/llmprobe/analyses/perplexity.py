@@ -18,12 +18,12 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ..core import progress
 from ..core.data import Window, eval_windows
 from ..core.errors import LLMProbeError
 from ..core.loading import LoadedModel
+from ..core.readouts import nll_sum
 from ..core.records import Record
 
 
@@ -80,16 +80,7 @@ def window_nll(model: torch.nn.Module, input_ids: torch.Tensor, n_scored: Sequen
     device = next(model.parameters()).device
     input_ids = input_ids.to(device)
     logits = model(input_ids=input_ids, use_cache=False).logits
-    total, count = 0.0, 0
-    length = input_ids.shape[1]
-    for b, scored in enumerate(n_scored):
-        first_target = max(1, length - scored)
-        # logits at position t predict the token at t+1
-        pred = logits[b, first_target - 1:length - 1].float()
-        target = input_ids[b, first_target:length]
-        total += float(F.cross_entropy(pred, target, reduction="sum").double())
-        count += int(target.numel())
-    return total, count
+    return nll_sum(logits, input_ids, list(n_scored))
 
 
 def perplexity(lm: LoadedModel, ids: torch.Tensor, *, seqlen: int, stride: int | None = None,

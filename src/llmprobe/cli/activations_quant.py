@@ -13,8 +13,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..core import progress
 from ..analyses import activation_quant as aq
+from ..core import progress
 from ..core.collect import check_site
 from ..core.errors import LLMProbeError
 from ..plots import activation_quant as plots

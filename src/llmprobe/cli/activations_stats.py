@@ -13,8 +13,8 @@ from typing import Annotated
 
 import typer
 
-from ..core import progress
 from ..analyses import activation_stats as stats
+from ..core import progress
 from ..core.calibration import prepare
 from ..core.errors import LLMProbeError
 from ..core.loading import load_model

@@ -11,7 +11,6 @@ from typing import Annotated, Optional
 import typer
 
 from .. import __version__
-
 from ..core import progress
 from ..core.errors import LLMProbeError
 

@@ -6,8 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..core import progress
 from ..analyses.model_info import layer_census, model_info, structure_map
+from ..core import progress
 from .activations import LayersOpt, RolesOpt, parse_layers
 from .common import (
     JsonOpt,

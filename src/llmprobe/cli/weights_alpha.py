@@ -16,7 +16,6 @@ from typing import Annotated
 
 import typer
 
-from ..core import progress
 from ..analyses.alpha_hill import (
     DEFAULT_PRECISIONS,
     alpha_hill_analysis,
@@ -28,6 +27,7 @@ from ..analyses.alpha_hill import (
     resolve_device,
     select_matrices,
 )
+from ..core import progress
 from ..core.errors import LLMProbeError
 from ..core.weightsource import WeightSource, compile_regex
 from .common import (

@@ -10,7 +10,6 @@ from typing import Annotated
 
 import typer
 
-from ..core import progress
 from ..analyses.embeddings import (
     DEFAULT_FIT_SAMPLE,
     DEFAULT_MAX_K,
@@ -20,6 +19,7 @@ from ..analyses.embeddings import (
     embedding_clusters,
     find_embedding_tensor,
 )
+from ..core import progress
 from ..core.errors import LLMProbeError
 from ..core.loading import load_tokenizer
 from ..core.weightsource import WeightSource

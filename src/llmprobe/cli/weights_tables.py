@@ -10,7 +10,6 @@ from typing import Annotated
 
 import typer
 
-from ..core import progress
 from ..analyses.weight_tables import (
     bops,
     bops_summary,
@@ -25,6 +24,7 @@ from ..analyses.weight_tables import (
     weight_spectrum,
     weight_stats,
 )
+from ..core import progress
 from ..core.weightsource import WeightSource
 from .common import (
     DeviceOpt,

@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import torch
-import torch.nn.functional as F
 
 from . import progress
 from .errors import LLMProbeError
 from .modulemap import LinearSite, ModuleMap
+from .readouts import window_mean_loss
 
 Site = Literal["input", "output"]
 
@@ -265,7 +265,7 @@ def collect(lm_model: torch.nn.Module, mmap: ModuleMap, sites: Sequence[LinearSi
             if backward:
                 with torch.enable_grad():
                     logits = lm_model(input_ids=inputs, use_cache=False).logits
-                    loss = _summed_window_loss(logits, inputs)
+                    loss = window_mean_loss(logits, inputs)
                     loss.backward()
             else:
                 with torch.inference_mode():
@@ -277,11 +277,3 @@ def collect(lm_model: torch.nn.Module, mmap: ModuleMap, sites: Sequence[LinearSi
             for p, flag in params_grad.items():
                 p.requires_grad_(flag)
     return sites_for_key(mmap, sites, site, backward)
-
-
-def _summed_window_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Σ over windows of each window's mean shifted next-token loss (fp32)."""
-    b, length, vocab = logits.shape
-    per_token = F.cross_entropy(logits[:, :-1].float().reshape(-1, vocab), ids[:, 1:].reshape(-1),
-                                reduction="none").view(b, length - 1)
-    return per_token.mean(dim=1).sum()
