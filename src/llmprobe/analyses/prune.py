@@ -395,7 +395,7 @@ def prune_run(lm: LoadedModel, *, method: str, sparsity: float | None = None, nm
               blocksize: int = 128, reconstruction: bool = True, eval_ids: torch.Tensor | None = None,
               eval_seqlen: int | None = None, max_windows: int | None = None, eval_dataset: str = "",
               device: str | torch.device | None = None, batch_size: int = 8, save_dir: str | Path | None = None,
-              mask_path: str | Path | None = None, restore: bool = True,
+              mask_path: str | Path | None = None, restore: bool = True, evaluate_dense: bool = True,
               calibration_info: dict | None = None) -> tuple[Tables, dict[str, Any]]:
     """Prune ``lm`` (see the module docstring) and return its tables and a JSON document.
 
@@ -404,6 +404,8 @@ def prune_run(lm: LoadedModel, *, method: str, sparsity: float | None = None, nm
     ``device``: where each block is computed (default: where the model is).
     ``restore``: undo the pruning before returning (the weights come back bit for bit); False
     prunes ``lm.model`` for good and keeps no copy of the dense weights.
+    ``evaluate_dense``: also measure the dense model's perplexity first (skip it when it is
+    already known, e.g. in a sweep over methods).
     """
     spec = check_options(method, sparsity, nm, scope=scope, allocation=allocation, owl_m=owl_m,
                          owl_lambda=owl_lambda, percdamp=percdamp, blocksize=blocksize)
@@ -425,7 +427,7 @@ def prune_run(lm: LoadedModel, *, method: str, sparsity: float | None = None, nm
 
     ppl_rows: list[PrunePerplexity] = []
     evaluate = eval_ids is not None
-    if evaluate:
+    if evaluate and evaluate_dense:
         ppl_rows.append(_evaluate(lm, eval_ids, seqlen=eval_seqlen, max_windows=max_windows, dataset=eval_dataset,
                                   device=compute, stage="dense"))
 
@@ -531,7 +533,8 @@ def prune_run(lm: LoadedModel, *, method: str, sparsity: float | None = None, nm
         calibration_windows=int(windows.shape[0]) if windows is not None and spec.needs_calibration else None,
         calibration_seqlen=int(windows.shape[1]) if windows is not None and spec.needs_calibration else None,
         mean_reconstruction_error=float(np.mean(errors)) if errors else None,
-        ppl_dense=ppl_rows[0].ppl if evaluate else None, ppl_pruned=ppl_rows[1].ppl if evaluate else None,
+        ppl_dense=ppl_rows[0].ppl if evaluate and evaluate_dense else None,
+        ppl_pruned=ppl_rows[-1].ppl if evaluate else None,
         prune_seconds=prune_seconds, saved_to=saved)
     docs["prune"] = {**info, "restored": restore, "layer_sparsity": {str(k): v for k, v in layer_target.items()},
                      "mask_file": str(mask_path) if mask_path is not None else None}
