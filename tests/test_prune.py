@@ -479,3 +479,41 @@ def test_prune_figures_build():
                              eval_ids=windows.flatten(), eval_seqlen=24, max_windows=2)
     stems = [stem for stem, _ in prune_figures(tables, docs)]
     assert "prune_layers" in stems and "prune_reconstruction_error" in stems
+
+
+def test_mask_selection_breaks_ties_by_position():
+    from llmprobe.core.pruning import matrix_mask, row_mask
+
+    g = torch.Generator().manual_seed(9)
+    scores = torch.randint(0, 4, (5, 24), generator=g).float()   # many ties
+    rows = row_mask(scores, 0.4)
+    k = math.floor(0.4 * 24)
+    for i in range(5):
+        order = sorted(range(24), key=lambda j: (scores[i, j].item(), j))[:k]
+        assert set(torch.nonzero(rows[i]).flatten().tolist()) == set(order)
+    flat = scores.flatten().tolist()
+    order = sorted(range(len(flat)), key=lambda j: (flat[j], j))[:math.floor(0.3 * len(flat))]
+    assert set(torch.nonzero(matrix_mask(scores, 0.3).flatten()).flatten().tolist()) == set(order)
+    groups = nm_mask(scores, 2, 4)
+    for i in range(5):
+        for start in range(0, 24, 4):
+            order = sorted(range(start, start + 4), key=lambda j: (scores[i, j].item(), j))[:2]
+            assert set(torch.nonzero(groups[i, start:start + 4]).flatten().add(start).tolist()) == set(order)
+
+
+def test_embedded_model_end_to_end(embedded, wikitext_path):
+    """SmolLM2-135M: SparseGPT 2:4 on two layers, perplexity before/after, weights restored."""
+    from llmprobe.core.data import calibration_windows, load_corpus, tokenize_corpus
+
+    ids = tokenize_corpus(load_corpus(str(wikitext_path)), embedded.tokenizer)
+    windows = calibration_windows(ids[:20000], 2, 64, 0)
+    before = {name: p.detach().clone() for name, p in embedded.model.named_parameters() if ".layers.1." in name}
+    tables, _ = prune_run(embedded, method="sparsegpt", nm="2:4", layers=[0, 1], windows=windows,
+                          eval_ids=ids[20000:21000], eval_seqlen=128, max_windows=2)
+    rows = tables["pruned_matrices"]
+    assert len(rows) == 14 and all(r.nm_valid for r in rows)
+    assert all(0 < r.reconstruction_error < 1 for r in rows)
+    stages = {r.stage: r.ppl for r in tables["prune_perplexity"]}
+    assert stages["pruned"] > stages["dense"]
+    params = dict(embedded.model.named_parameters())
+    assert all(torch.equal(params[name], value) for name, value in before.items())

@@ -263,9 +263,16 @@ class _GroupStats:
         return torch.diagonal(self.gram).clone() if self.gram is not None else self.sq_sum
 
 
+def _relative_names(block: torch.nn.Module) -> dict[int, str]:
+    """Module id -> name inside ``block`` (hooks and patches are addressed relative to the
+    block, so each lookup walks one block, not the whole model)."""
+    return {id(module): name for name, module in block.named_modules()}
+
+
 @contextlib.contextmanager
-def _collecting(model: torch.nn.Module, sites: Sequence[LinearSite], device: torch.device, gram: bool):
+def _collecting(block: torch.nn.Module, sites: Sequence[LinearSite], device: torch.device, gram: bool):
     """Pre-hooks on the first module of each input group; yields {input_group: _GroupStats}."""
+    names = _relative_names(block)
     stats: dict[str, _GroupStats] = {}
     hooks = {}
     for site in sites:
@@ -277,8 +284,8 @@ def _collecting(model: torch.nn.Module, sites: Sequence[LinearSite], device: tor
         def hook(_module, args, group=group):
             group.update(args[0].detach())
 
-        hooks[site.name] = hook
-    with forward_hooks(model, hooks, pre=True):
+        hooks[names[id(site.module)]] = hook
+    with forward_hooks(block, hooks, pre=True):
         yield stats
 
 
@@ -290,10 +297,10 @@ def _prune_matrix(spec: PruneSpec, weight: torch.Tensor, sparsity: float,
     """(new weight [out, in] fp32, prune mask) for one matrix."""
     if spec.method == "magnitude":
         mask = magnitude_mask(weight, sparsity=sparsity, nm=spec.nm, scope=spec.scope)
-        return torch.where(mask, torch.zeros_like(weight, dtype=torch.float32), weight.float()), mask
+        return weight.float().masked_fill(mask, 0.0), mask
     if spec.method == "wanda":
         mask = wanda_mask(weight, stats.squares(), sparsity=sparsity, nm=spec.nm)
-        return torch.where(mask, torch.zeros_like(weight, dtype=torch.float32), weight.float()), mask
+        return weight.float().masked_fill(mask, 0.0), mask
     hessian = stats.gram * (2.0 / max(stats.tokens, 1))
     return sparsegpt_prune(weight, hessian, sparsity=sparsity, nm=spec.nm, blocksize=spec.blocksize,
                            percdamp=spec.percdamp)
@@ -306,21 +313,28 @@ def _param_layout(site: LinearSite, weight: torch.Tensor, dtype: torch.dtype) ->
 
 
 class _Writer:
-    """Writes pruned weights: through ``patched_weights`` (undone when the run ends) or in place."""
+    """Writes one block's pruned weights: through ``patched_weights`` (undone when the run
+    ends) or in place."""
 
-    def __init__(self, model: torch.nn.Module, stack: contextlib.ExitStack, restore: bool):
-        self.model, self.stack, self.restore = model, stack, restore
+    def __init__(self, stack: contextlib.ExitStack, restore: bool):
+        self.stack, self.restore = stack, restore
 
-    def write(self, site: LinearSite, new: torch.Tensor) -> None:
-        param = site.module.weight
-        value = _param_layout(site, new.to(param.device), param.dtype)
-        if self.restore:
-            self.stack.enter_context(patched_weights(self.model, [Patch(site.weight_name, "set", value=value)]))
-        else:
-            # Permanent pruning (restore=False): no copy of the dense weights is kept, which is
-            # what keeps host memory at one model. The caller owns a model it will not reuse.
-            with torch.no_grad():
-                param.data.copy_(value)
+    def write(self, block: torch.nn.Module, pruned: Sequence[tuple[LinearSite, torch.Tensor]]) -> None:
+        names = _relative_names(block)
+        patches = []
+        for site, new in pruned:
+            param = site.module.weight
+            value = _param_layout(site, new.to(param.device), param.dtype)
+            if self.restore:
+                patches.append(Patch(f"{names[id(site.module)]}.weight", "set", value=value))
+            else:
+                # Permanent pruning (restore=False): no copy of the dense weights is kept, which
+                # is what keeps host memory at one model. The caller owns a model it will not
+                # reuse as dense.
+                with torch.no_grad():
+                    param.data.copy_(value)
+        if patches:
+            self.stack.enter_context(patched_weights(block, patches))
 
 
 # -- OWL -------------------------------------------------------------------------------------
@@ -353,7 +367,7 @@ def _owl_ratios(lm: LoadedModel, mmap: ModuleMap, by_layer: dict[int, list[Linea
     for index, block in enumerate(progress.track(mmap.blocks[:last + 1], "owl outlier ratios")):
         sites = by_layer.get(index, [])
         with on_device(block, device):
-            with _collecting(lm.model, sites, device, gram=False) as stats:
+            with _collecting(block, sites, device, gram=False) as stats:
                 outputs = run_block(block, inputs)
             if sites:
                 ratios[index] = outlier_ratio(
@@ -439,7 +453,7 @@ def prune_run(lm: LoadedModel, *, method: str, sparsity: float | None = None, nm
     ratios: dict[int, float] = {}
     docs: dict[str, Any] = {}
     with contextlib.ExitStack() as stack:
-        writer = _Writer(lm.model, stack, restore)
+        writer = _Writer(stack, restore)
         if spec.allocation == "owl":
             inputs = capture_block_inputs(lm.model, mmap, windows, compute, batch_size)
             ratios = _owl_ratios(lm, mmap, by_layer, inputs, compute, spec.owl_m)
@@ -464,11 +478,14 @@ def prune_run(lm: LoadedModel, *, method: str, sparsity: float | None = None, nm
                 masks[site.weight_name] = (new != 0).cpu()
 
         if spec.method == "magnitude":
-            for site in progress.track(sites, "magnitude pruning"):
-                dense = site.weight().to(compute).float()
-                new, _mask = _prune_matrix(spec, dense, layer_target[site.layer], None)
-                record(site, new, None, dense)
-                writer.write(site, new)
+            for index in progress.track(sorted(by_layer), "magnitude pruning"):
+                pruned = []
+                for site in by_layer[index]:
+                    dense = site.weight().to(compute).float()
+                    new, _mask = _prune_matrix(spec, dense, layer_target[index], None)
+                    record(site, new, None, dense)
+                    pruned.append((site, new))
+                writer.write(mmap.blocks[index], pruned)
         else:
             inputs = capture_block_inputs(lm.model, mmap, windows, compute, batch_size)
             last = max(by_layer)
@@ -478,7 +495,7 @@ def prune_run(lm: LoadedModel, *, method: str, sparsity: float | None = None, nm
                 new_weights: dict[str, torch.Tensor] = {}
                 with on_device(block, compute):
                     if block_sites:
-                        with _collecting(lm.model, block_sites, compute, want_gram) as stats:
+                        with _collecting(block, block_sites, compute, want_gram) as stats:
                             run_block(block, inputs)
                         for site in block_sites:
                             group = stats[site.input_group]
@@ -489,8 +506,7 @@ def prune_run(lm: LoadedModel, *, method: str, sparsity: float | None = None, nm
                         del stats
                 if block_sites:
                     # written after the block is back home, so saved originals stay off the device
-                    for site in block_sites:
-                        writer.write(site, new_weights.pop(site.name))
+                    writer.write(block, [(site, new_weights.pop(site.name)) for site in block_sites])
                 if index < last:
                     with on_device(block, compute):
                         inputs.hidden = run_block(block, inputs)

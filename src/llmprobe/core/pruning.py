@@ -10,7 +10,7 @@ Selection rules (exact counts, ties broken by position):
 * unstructured, per matrix: the ``floor(S * out * in)`` smallest scores of the whole matrix;
 * N:M: in every group of M consecutive inputs of a row, the N smallest scores are pruned.
 
-Ties are broken by a *stable* sort (the earlier column goes first), so a mask is a function of
+Ties are broken by position (the earlier column goes first, as a stable sort would), so a mask is a function of
 the scores alone. The Wanda reference code also sorts stably per row; its magnitude baseline
 prunes every weight ``<=`` the k-th smallest, which can remove more than k weights when values
 tie (we remove exactly k).
@@ -51,23 +51,30 @@ def parse_nm(nm: str | tuple[int, int]) -> tuple[int, int]:
     return n, m
 
 
+def _smallest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask of the k smallest entries along the last dim, ties broken by position (what a
+    stable sort would pick), found with a selection (kthvalue) instead of a full sort: the
+    k-th smallest value t, every entry < t, then the first (k - #below) entries equal to t."""
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    if k <= 0:
+        return mask
+    if k >= scores.shape[-1]:
+        return ~mask
+    threshold = torch.kthvalue(scores, k, dim=-1, keepdim=True).values
+    below = scores < threshold
+    tied = scores == threshold
+    still_needed = k - below.sum(dim=-1, keepdim=True)
+    return below | (tied & (tied.cumsum(dim=-1) <= still_needed))
+
+
 def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Prune the ``floor(sparsity * in)`` smallest scores of every row."""
-    k = int(math.floor(sparsity * scores.shape[1]))
-    mask = torch.zeros_like(scores, dtype=torch.bool)
-    if k > 0:
-        order = torch.sort(scores, dim=1, stable=True).indices[:, :k]
-        mask.scatter_(1, order, True)
-    return mask
+    return _smallest_k(scores, int(math.floor(sparsity * scores.shape[1])))
 
 
 def matrix_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Prune the ``floor(sparsity * numel)`` smallest scores of the whole matrix."""
-    k = int(math.floor(sparsity * scores.numel()))
-    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    if k > 0:
-        mask[torch.sort(scores.flatten(), stable=True).indices[:k]] = True
-    return mask.view_as(scores)
+    return _smallest_k(scores.flatten(), int(math.floor(sparsity * scores.numel()))).view_as(scores)
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -75,11 +82,7 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     rows, cols = scores.shape
     if cols % m:
         raise LLMProbeError(f"--nm {n}:{m} needs the input width to be a multiple of {m}; got {cols}")
-    groups = scores.reshape(rows, cols // m, m)
-    order = torch.sort(groups, dim=2, stable=True).indices[:, :, :n]
-    mask = torch.zeros_like(groups, dtype=torch.bool)
-    mask.scatter_(2, order, True)
-    return mask.view(rows, cols)
+    return _smallest_k(scores.reshape(rows, cols // m, m), n).view(rows, cols)
 
 
 def select_mask(scores: torch.Tensor, *, sparsity: float = 0.0, nm: tuple[int, int] | None = None,
@@ -124,11 +127,15 @@ def nm_valid(weight: torch.Tensor, n: int, m: int) -> bool:
 
 def reconstruction_error(weight: torch.Tensor, pruned: torch.Tensor, gram: torch.Tensor) -> float:
     """||W X - W' X||^2 / ||W X||^2 over the calibration inputs, from their Gram matrix
-    G = sum_t x_t x_t^T (so X itself is never kept): ||A X||_F^2 = tr(A G A^T)."""
-    weight, gram = weight.double(), gram.double()
-    delta = weight - pruned.double()
-    err = float(((delta @ gram) * delta).sum())
-    ref = float(((weight @ gram) * weight).sum())
+    G = sum_t x_t x_t^T (so X itself is never kept): ||A X||_F^2 = tr(A G A^T).
+
+    Computed in the widest dtype of the inputs, at least fp32 (fp32 for an fp32 G: each term
+    is a PSD quadratic form, so the relative error of the ratio stays ~1e-6)."""
+    dtype = torch.promote_types(torch.promote_types(weight.dtype, gram.dtype), torch.float32)
+    weight, gram = weight.to(dtype), gram.to(dtype)
+    delta = weight - pruned.to(device=weight.device, dtype=dtype)
+    err = float(((delta @ gram) * delta).sum(dtype=torch.float64))
+    ref = float(((weight @ gram) * weight).sum(dtype=torch.float64))
     return err / ref if ref > 0 else float("nan")
 
 
@@ -188,8 +195,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: fl
             d = Hinv1[i, i]
             if nm is not None and i % nm[1] == 0:
                 group = W1[:, i:i + nm[1]] ** 2 / diag1[i:i + nm[1]].unsqueeze(0) ** 2
-                chosen = torch.sort(group, dim=1, stable=True).indices[:, :nm[0]]
-                mask1.scatter_(1, i + chosen, True)
+                mask1[:, i:i + nm[1]] = _smallest_k(group, nm[0])
             q = w.clone()
             q[mask1[:, i]] = 0.0
             Q1[:, i] = q
