@@ -16,8 +16,8 @@ from conftest import assert_one_line_error
 from safetensors.torch import load_file, save_file
 from tiny import save_tiny_model_dir, tiny_model
 
-from llmprobe.core import spectral
 from llmprobe.analyses.alpha_hill import alpha_hill_analysis
+from llmprobe.core import spectral
 from llmprobe.core.weightsource import WeightSource
 
 PRECISIONS = ("fp32", "fp16", "bf16", "fp64", "int8")

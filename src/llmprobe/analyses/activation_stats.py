@@ -38,6 +38,7 @@ from ..core.records import Record
 Tables = dict[str, list[Record]]
 
 from ..core.specs import KURTOSIS_ESTIMATOR as ESTIMATOR  # noqa: E402
+
 RANK_BY = ("max", "mean")
 DOWN_PROJ_ROLES = ("mlp.down", "mlp.fc2")
 

@@ -52,9 +52,9 @@ from ..core import progress, spectral
 from ..core.errors import LLMProbeError
 from ..core.modulemap import ModuleMap
 from ..core.records import Record
+from ..core.specs import KURTOSIS_ESTIMATOR  # noqa: E402  (m4/m2² − 3, population moments)
 from ..core.weightsource import WeightSource, compile_regex, no_match_error
 
-from ..core.specs import KURTOSIS_ESTIMATOR  # noqa: E402  (m4/m2² − 3, population moments)
 # Elements converted to fp64 at a time: 256K elements = 2 MB per temporary, small enough to stay
 # in cache across the ~8 elementwise passes per chunk (measured 5-8x faster than 32 MB chunks).
 STATS_CHUNK_ELEMENTS = 1 << 18

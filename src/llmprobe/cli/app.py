@@ -171,12 +171,20 @@ def build_app() -> typer.Typer:
 
 
 _argv: dict[str, Any] = {"value": None}
+_built: dict[str, Any] = {}
+
+
+def _click_command():
+    """The whole command tree, built once per process (in-process callers run many commands)."""
+    if "command" not in _built:
+        _built["command"] = typer.main.get_command(build_app())
+    return _built["command"]
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: bad input is one line on stderr and exit code 2."""
     _argv["value"] = argv
-    command = typer.main.get_command(build_app())
+    command = _click_command()
     try:
         result = command.main(args=argv, prog_name="llmprobe", standalone_mode=False)
     except LLMProbeError as exc:

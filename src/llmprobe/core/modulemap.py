@@ -24,7 +24,6 @@ from torch import nn
 from .errors import LLMProbeError
 from .specs import compile_regex  # noqa: F401  (re-exported)
 
-
 ROLES = (
     "attn.q",
     "attn.k",
