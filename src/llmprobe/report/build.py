@@ -87,18 +87,18 @@ def assemble(folders: list[ResultFolder], out: Path, *, title: str | None = None
     folders = sorted(folders, key=lambda f: (group_rank(f.command), str(f.path)))
     used_ids: set[str] = set()
     sections: list[Section] = []
-    sources: dict[str, list[tuple[ResultFolder, str]]] = defaultdict(list)
+    by_command: dict[str, list[tuple[ResultFolder, str]]] = defaultdict(list)
     for folder in folders:
         section = build_section(folder, out, used_ids, max_extra_figures)
         sections.append(section)
-        sources[folder.command].append((folder, section.id))
-    found, not_measured = _findings.compute(sources)
+        by_command[folder.command].append((folder, section.id))
+    found, not_measured = _findings.compute(by_command)
     # problems met while computing findings belong to their sections
     for section, folder in zip(sections, folders):
         for problem in folder.problems:
             if problem not in section.notes:
                 section.notes.append(problem)
-    missing = [Missing(cmd, title_for(cmd), hint) for cmd, hint in EXPECTED if cmd not in sources]
+    missing = [Missing(cmd, title_for(cmd), hint) for cmd, hint in EXPECTED if cmd not in by_command]
     model = _model_name(folders)
     return Report(
         title=title or f"llmprobe report: {model}",

@@ -69,10 +69,11 @@ class TableView:
     total_rows: int
     source: str  # path of the CSV relative to the report files
     note: str = ""
+    md_max_rows: int | None = MD_MAX_ROWS  # None: every row goes into the Markdown too
 
     @property
     def md_rows(self) -> list[list[Cell]]:
-        return self.rows[:MD_MAX_ROWS]
+        return self.rows if self.md_max_rows is None else self.rows[:self.md_max_rows]
 
     @property
     def shown_rows(self) -> int:
