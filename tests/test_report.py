@@ -326,6 +326,11 @@ def test_report_folder_of_report_run_and_errors(synthetic, tmp_path):
     assert built.html == synthetic / "report.html" and len(built.report.sections) == 8
     rebuilt = build_report([synthetic])  # building again does not read its own output
     assert len(rebuilt.report.sections) == 8
+    # one result folder on its own; building twice does not take the report's copies for figures
+    single = synthetic / "activations-kurtosis"
+    first = build_report([single])
+    again = build_report([single])
+    assert len(again.report.sections) == 1 and len(again.figures) == len(first.figures) == 2
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(LLMProbeError, match="no llmprobe result folder"):

@@ -62,11 +62,11 @@ _SPECS: list[SectionSpec] = [
         "putting the weight through each numeric precision. The difference to the first precision "
         "(delta alpha) shows which matrices a precision changes; the table adds max |delta alpha| "
         "over the precisions.",
-        figures=("alpha_distribution_by_precision", "alpha_vs_depth_mlp_down", "alpha_vs_depth_attn_q",
-                 "alpha_vs_depth_*"),
+        figures=("alpha_vs_depth_attn_v", "alpha_vs_depth_mlp_down", "alpha_vs_depth_*",
+                 "alpha_distribution_by_precision"),
         tables=(TableSpec("precision_summary_statistics", "Alpha per precision"),
                 TableSpec("precision_alpha_hill_results", "Alpha per matrix",
-                          ("layer_name", "layer_index", "role", "*alpha_", "max_abs_delta_alpha", "status"),
+                          ("layer_name", "layer_index", "role", "*alpha_", "max_abs_delta_alpha", "delta_alpha_precision", "status"),
                           sort_by="max_abs_delta_alpha")),
     ),
     SectionSpec(

@@ -80,12 +80,19 @@ class ResultFolder:
 
     def figures(self) -> list[Path]:
         """Figure files under the folder (any depth), shallow ones first, then by name."""
-        found = [p for p in self.path.rglob("*") if p.suffix.lower() in FIGURE_SUFFIXES and p.is_file()]
+        found = [p for p in self.path.rglob("*") if p.suffix.lower() in FIGURE_SUFFIXES and p.is_file()
+                 and not _in_report_output(p.relative_to(self.path))]
         return sorted(found, key=lambda p: (len(p.relative_to(self.path).parts), str(p.relative_to(self.path))))
 
     def other_figure_files(self) -> list[Path]:
         """Figures a browser cannot show inline (PDF)."""
-        return sorted(p for p in self.path.rglob("*.pdf") if p.is_file())
+        return sorted(p for p in self.path.rglob("*.pdf")
+                      if p.is_file() and not _in_report_output(p.relative_to(self.path)))
+
+
+def _in_report_output(relative: Path) -> bool:
+    """A report built into a result folder puts its copies there; they are not the run's figures."""
+    return any(part in REPORT_OUTPUT_DIRS for part in relative.parts[:-1])
 
 
 def _read_manifest(path: Path) -> tuple[dict[str, Any], list[str]]:

@@ -188,11 +188,11 @@ class Section:
 def md_text(value: Any) -> str:
     """Escape text for Markdown prose and table cells: no markup, no line breaks, no pipes."""
     text = str(value).replace("\r", "\\r").replace("\n", "\\n").replace("\t", "\\t")
-    text = re.sub(r"([\\`*_{}\[\]()<>#+!|~])", r"\\\1", text)
-    # a leading '-' or digit+'.' would start a list inside a paragraph; spaces at the edges of
-    # a cell vanish, so show them
-    if text.startswith(" ") or text.endswith(" "):
-        text = text.replace(" ", "\u2423") if text.strip() == "" else text
+    # inline markup: emphasis, code, links, raw HTML, table cells, strike-through. (Values are
+    # never placed at the start of a line, so block markup such as '#' or '-' needs no escape.)
+    text = re.sub(r"([\\`*_\[\]<>|~])", r"\\\1", text)
+    if text.strip() == "" and text:
+        text = text.replace(" ", "\u2423")  # a cell of spaces would look empty: show them
     return text
 
 
