@@ -66,7 +66,8 @@ _SPECS: list[SectionSpec] = [
                  "alpha_distribution_by_precision"),
         tables=(TableSpec("precision_summary_statistics", "Alpha per precision"),
                 TableSpec("precision_alpha_hill_results", "Alpha per matrix",
-                          ("layer_name", "layer_index", "role", "*alpha_", "max_abs_delta_alpha", "delta_alpha_precision", "status"),
+                          ("layer_name", "layer_index", "role", "*alpha_", "max_abs_delta_alpha",
+                           "delta_alpha_precision", "status"),
                           sort_by="max_abs_delta_alpha")),
     ),
     SectionSpec(

@@ -256,7 +256,8 @@ def alpha_hill(folder: ResultFolder, anchor: str) -> list[Finding]:
     first = top.iloc[0]
     value = format_number(first["_key"])
     median = format_number(float(numeric(frame, "max_abs_delta_alpha").median()))
-    details = [f"{r[name]}: {format_number(r['_key'])} ({r['delta_alpha_precision']})" for _, r in top.iloc[1:].iterrows()]
+    details = [f"{r[name]}: {format_number(r['_key'])} ({r['delta_alpha_precision']})"
+               for _, r in top.iloc[1:].iterrows()]
     details.append(f"median over {int(numeric(frame, 'max_abs_delta_alpha').notna().sum())} matrices: {median}")
     return [Finding("Precision-sensitive matrices",
                     f"Most precision-sensitive weight spectrum: {first[name]}, |delta alpha| = {value} "
@@ -285,8 +286,9 @@ def quant_error(folder: ResultFolder, anchor: str) -> list[Finding]:
         if not model.empty:
             details.append(f"whole model: relative MSE {format_number(model.iloc[0]['rel_mse_pooled'])}")
     return [Finding("Precision-sensitive matrices",
-                    f"Highest activation quantization error{' (' + fmt + ')' if fmt else ''}: {_where(first, 'module')} "
-                    f"input, relative MSE {value}{sqnr}{_suffix(folder)}.", value, anchor, details)]
+                    f"Highest activation quantization error{' (' + fmt + ')' if fmt else ''}: "
+                    f"{_where(first, 'module')} input, relative MSE {value}{sqnr}{_suffix(folder)}.",
+                    value, anchor, details)]
 
 
 def weight_stats(folder: ResultFolder, anchor: str) -> list[Finding]:
