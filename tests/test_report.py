@@ -113,17 +113,42 @@ def make_synthetic(root: Path) -> Path:
     write_result(root, "weights-alpha-hill", "weights alpha-hill", {
         "precision_alpha_hill_results": alpha_frame({"model.layers.3.attn.v.weight": 0.3}),
     }, figures=("alpha_distribution_by_precision",), precisions=["fp32", "fp16", "bf16"])
+    # the robustness and quant tables as those analyses write them
     write_result(root, "robustness-super-weights", "robustness super-weights", {
-        "super_weights": pd.DataFrame({"layer": [1, 2], "module": ["model.layers.1.mlp.down_proj",
-                                                                   "model.layers.2.mlp.down_proj"],
-                                       "row": [5, 17], "col": [11, 3], "value": [-2.5, 0.9],
-                                       "ppl": [900.0, 13.0], "delta_ppl": [887.5, 0.5]}),
+        "super_weights": pd.DataFrame({"iteration": [1, 1], "layer": [1, 2],
+                                       "module": ["model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj"],
+                                       "weight_row": [5, 17], "weight_col": [11, 3], "value": [-2.5, 0.9],
+                                       "ppl": [900.0, 13.0], "delta_ppl": [887.5, 0.5], "kl": [3.0, 0.01]}),
+        "super_weight_checks": pd.DataFrame({"condition": ["all super weights zeroed",
+                                                           "other outliers zeroed, super weights kept"],
+                                             "weights_zeroed": [2, 40], "ppl": [950.0, 12.7],
+                                             "delta_ppl": [937.5, 0.2]}),
     })
     write_result(root, "robustness-ablation", "robustness ablation", {
-        "ablation": pd.DataFrame({"target": [f"model.layers.{i}" for i in range(LAYERS)], "layer": range(LAYERS),
-                                  "granularity": "block", "delta_ppl": [50.0, 1.0, 2.0, 3.0], "kl": 0.1}),
+        "ablation": pd.DataFrame({"rank": range(1, LAYERS + 1), "target": [f"model.layers.{i}" for i in range(LAYERS)],
+                                  "layer": range(LAYERS), "role": "block", "granularity": "block",
+                                  "delta_ppl": [50.0, 1.0, 2.0, 3.0], "kl": 0.1}),
+        "block_similarity": pd.DataFrame({"layer": range(LAYERS), "block_influence": [0.9, 0.1, 0.2, 0.3],
+                                          "span": 1, "angular_distance": 0.2}),
+        "similarity_agreement": pd.DataFrame({"metric": ["block_influence"], "span": [1], "blocks": [LAYERS],
+                                              "spearman_delta_ppl": [0.8], "spearman_kl": [0.5]}),
     })
     return root
+
+
+def add_quant(root: Path) -> None:
+    write_result(root, "quant-plan", "quant plan", {
+        "quant_plan": pd.DataFrame({"module": ["a", "b", "c"], "layer": [0, 0, 1], "role": ["attn.q", "mlp.down",
+                                                                                         "attn.q"],
+                                    "params": 100, "format": ["int2", "int4", "int8"], "sensitivity": [1.0, 2.0, 3.0]}),
+        "quant_plan_summary": pd.DataFrame([{"metric": "output_error", "modules": 3, "budget_avg_bits": 4.75,
+                                             "plan_avg_bits": 4.667, "formats": "int2:1;int4:1;int8:1"}]),
+    })
+    write_result(root, "quant-eval", "quant eval", {
+        "quant_eval": pd.DataFrame({"label": ["plan", "uniform int4", "random 0", "random 1"],
+                                    "kind": ["plan", "uniform", "random", "random"],
+                                    "avg_bits": [4.0, 4.0, 4.01, 3.99], "ppl": [20.0, 25.0, 31.0, 29.0]}),
+    })
 
 
 # -- HTML helpers ---------------------------------------------------------------------------
@@ -245,7 +270,10 @@ def test_findings_name_the_planted_extremes(synthetic, tmp_path):
     assert ("Super weights", "2") in findings
     assert "model.layers.1.mlp.down_proj[5, 11]" in findings[("Super weights", "2")].headline
     assert "887.5" in findings[("Super weights", "2")].headline
+    assert "all super weights zeroed: ppl 950" in findings[("Super weights", "2")].details
     assert ("Sensitive layers", "50") in findings and "model.layers.0" in text
+    influence = findings[("Sensitive layers", "0.9")]
+    assert "layer 0" in influence.headline and "Spearman" in " ".join(influence.details)
     alpha = next(f for f in built.report.findings if "spectrum" in f.headline)
     assert "model.layers.3.attn.v.weight" in alpha.headline and "(bf16 vs fp32)" in alpha.headline
     assert float(alpha.value) == pytest.approx(0.3, abs=1e-3)  # planted 0.3 on top of ~1e-4 noise
@@ -258,6 +286,19 @@ def test_findings_name_the_planted_extremes(synthetic, tmp_path):
     for finding in built.report.findings:
         assert finding.anchor in page.ids
         assert f"#{finding.anchor}" in page.hrefs
+
+
+def test_quant_plan_section_only_when_present(synthetic, tmp_path):
+    without = build_report([synthetic], tmp_path / "without")
+    assert not [f for f in without.report.findings if f.topic == "Quantization plan"]
+    assert "Quantization plan" not in {n.topic for n in without.report.not_measured}
+    add_quant(synthetic)
+    built = build_report([synthetic], tmp_path / "with")
+    plan = [f for f in built.report.findings if f.topic == "Quantization plan"]
+    assert [f.value for f in plan] == ["4.667", "20"]
+    assert "int2 x 1, int4 x 1, int8 x 1" in plan[0].headline and "budget 4.75" in plan[0].headline
+    assert "uniform 25" in plan[1].headline and "random 29 (best)" in plan[1].headline
+    assert {"quant plan", "quant eval"} <= {s.command for s in built.report.sections}
 
 
 def test_html_is_self_contained_and_escaped(synthetic, tmp_path):

@@ -170,48 +170,77 @@ _SPECS: list[SectionSpec] = [
     SectionSpec(
         "robustness super-weights", "Super weights",
         "The super-weight method (arXiv 2411.07191): where both the input and the output of an MLP "
-        "down projection spike, the weight at [output channel, input channel] is a super weight. "
-        "Each is zeroed alone and the perplexity / KL against the unmodified model measured.",
-        figures=("super_weights*", "spikes*"),
-        tables=(TableSpec("super_weights", "Super weights", sort_by="delta_ppl"),),
+        "down projection spike, the weight at [output channel, input channel] is a super weight; "
+        "found ones are zeroed and the search repeated. Each is zeroed alone and perplexity / KL "
+        "against the unmodified model measured; the checks zero all of them, and all outliers but "
+        "the super weights, to show the effect is the weights'.",
+        figures=("super_weight_spikes", "super_weights*", "spikes*"),
+        tables=(TableSpec("super_weights", "Super weights",
+                          ("layer", "module", "weight_row", "weight_col", "row", "col", "value", "input_spike",
+                           "output_spike", "token_position", "token", "ppl", "delta_ppl", "kl"),
+                          sort_by="delta_ppl"),
+                TableSpec("super_weight_checks", "Checks", sort_by="delta_ppl"),
+                TableSpec("massive_activations", "Massive activations per layer", sort_by="max_abs")),
     ),
     SectionSpec(
         "robustness ablation", "Ablation sensitivity",
-        "Each target (matrix, role group or whole block) zeroed or mean-set alone; the perplexity "
-        "change and KL against the unmodified model rank how much the model depends on it. Block "
-        "influence (1 - cosine of a block's input and output) is measured from one forward pass.",
-        figures=("ablation*", "block_influence*"),
-        tables=(TableSpec("ablation", "Ablation ranking", sort_by="delta_ppl"),
-                TableSpec("block_influence", "Block influence", sort_by="block_influence")),
+        "Each target (matrix, role group or whole block) zeroed, mean-set or skipped alone; the "
+        "perplexity change and KL against the unmodified model rank how much the model depends on "
+        "it. Block influence (1 - cosine of a block's input and output) and the angular distance "
+        "over spans of blocks come from one forward pass, with their rank agreement with the "
+        "measured perplexity change.",
+        figures=("ablation_ranking", "ablation_heatmap_delta_ppl", "block_similarity", "ablation*",
+                 "block_influence*"),
+        tables=(TableSpec("ablation", "Ablation ranking",
+                          ("rank", "target", "granularity", "mode", "layer", "role", "ppl", "delta_ppl", "ppl_ratio",
+                           "kl", "top1_agreement", "nonfinite_windows"),
+                          sort_by="delta_ppl"),
+                TableSpec("block_similarity", "Block influence and angular distance", sort_by="block_influence"),
+                TableSpec("block_influence", "Block influence", sort_by="block_influence"),
+                TableSpec("similarity_agreement", "Agreement with measured ablation (Spearman)")),
     ),
     SectionSpec(
         "robustness noise", "Noise robustness",
-        "Gaussian or uniform noise of scale sigma times each matrix's std added to the chosen weights; "
-        "perplexity and KL against the unmodified model over the sigma sweep.",
-        figures=("noise*",),
+        "Gaussian or uniform noise of scale sigma times each matrix's std (or absolute) added to the "
+        "chosen weights; perplexity and KL against the unmodified model over the sigma sweep, mean "
+        "and spread over repeats.",
+        figures=("noise_curves", "noise*"),
+        tables=(TableSpec("noise_summary", "Noise sweep"), TableSpec("noise_runs", "Every run")),
     ),
     SectionSpec(
         "robustness bit-flip", "Bit flips",
-        "Single bits of stored weights flipped; the change of the next-token loss per bit position.",
-        figures=("bit*",),
+        "Single bits of stored weights flipped; the change of the next-token loss per bit position "
+        "(sign, exponent, mantissa), non-finite outcomes counted, not hidden.",
+        figures=("bit_positions", "bit*"),
+        tables=(TableSpec("bit_positions", "Loss change per bit position"),
+                TableSpec("bit_flips", "Every flip", sort_by="delta_loss")),
     ),
     SectionSpec(
         "robustness adversarial", "Adversarial inputs",
         "Token swaps, character edits and embedding-space attacks on the next-token loss; change in "
         "loss, KL and greedy agreement per attack and budget.",
+        figures=("adversarial*",),
+        tables=(TableSpec("adversarial_summary", "Per attack and budget"),
+                TableSpec("adversarial_runs", "Every run")),
     ),
     SectionSpec(
         "quant plan", "Quantization plan",
-        "A per-module weight format chosen to minimise the summed measured sensitivity under an "
-        "average bit budget.",
-        figures=("quant_plan*", "plan*"),
-        tables=(TableSpec("quant_plan", "Plan per module", sort_by="sensitivity"),),
+        "A weight format per linear module chosen to minimise the summed measured sensitivity under "
+        "an average bit budget (a multiple-choice knapsack over the candidate formats).",
+        figures=("quant_plan_formats", "quant_sensitivity", "quant_plan*", "plan*"),
+        tables=(TableSpec("quant_plan_summary", "Plan summary"),
+                TableSpec("quant_plan", "Plan per module",
+                          ("module", "layer", "role", "params", "format", "bits_per_param", "sensitivity", "pinned"),
+                          sort_by="sensitivity"),
+                TableSpec("quant_sensitivity", "Sensitivity per module and format", sort_by="sensitivity")),
     ),
     SectionSpec(
         "quant eval", "Quantization plan evaluation",
         "Weights fake-quantized by a plan, uniformly or at random; perplexity and KL against the "
-        "unquantized model.",
-        figures=("quant_eval*", "sweep*"),
+        "unquantized model, as a curve over average bits when swept.",
+        figures=("quant_sweep", "quant_eval*", "sweep*"),
+        tables=(TableSpec("quant_eval", "Evaluated plans", sort_by="avg_bits", descending=False),
+                TableSpec("quant_sweep", "Sweep", sort_by="avg_bits", descending=False)),
     ),
 ]
 

@@ -148,8 +148,8 @@ def super_weights(folder: ResultFolder, anchor: str) -> list[Finding]:
         return [Finding("Super weights", f"No super weights found{_suffix(folder)}.", "0", anchor)]
     effect = first_column(frame, "delta_ppl", "ppl_delta", "ppl_ratio", "kl", "mean_kl", "ppl")
     value_col = first_column(frame, "value", "weight", "weight_value")
-    row_col = first_column(frame, "row", "out_channel", "output_channel")
-    col_col = first_column(frame, "col", "column", "in_channel", "input_channel")
+    row_col = first_column(frame, "weight_row", "row", "out_channel", "output_channel")
+    col_col = first_column(frame, "weight_col", "col", "column", "in_channel", "input_channel")
     ranked = _top(frame, effect) if effect else frame.assign(_key=float("nan"))
     first = ranked.iloc[0] if not ranked.empty else frame.iloc[0]
     coords = f"[{format_number(first[row_col], True)}, {format_number(first[col_col], True)}]" \
@@ -167,6 +167,12 @@ def super_weights(folder: ResultFolder, anchor: str) -> list[Finding]:
         c = f"[{format_number(r[row_col], True)}, {format_number(r[col_col], True)}]" if row_col and col_col else ""
         e = f": {effect} {format_number(r[effect])}" if effect else ""
         details.append(f"{r[module] if module else _where(r)}{c}{e}")
+    checks = folder.table("super_weight_checks")
+    if checks is not None and not checks.empty and "condition" in checks.columns:
+        check_effect = first_column(checks, "ppl", "delta_ppl", "kl")
+        if check_effect:
+            for _, r in checks.iterrows():
+                details.append(f"{r['condition']}: {check_effect} {format_number(r[check_effect])}")
     count = len(frame)
     return [Finding("Super weights",
                     f"{count} super weight{'s' if count != 1 else ''} found; the strongest is {where}{weight}{what}"
@@ -189,7 +195,9 @@ def ablation(folder: ResultFolder, anchor: str) -> list[Finding]:
             found.append(Finding("Sensitive layers",
                                  f"Most sensitive target under ablation: {label}, {effect} = {value}{_suffix(folder)}.",
                                  value, anchor, details))
-    influence = folder.table("block_influence")
+    influence = folder.table("block_similarity")
+    if influence is None:
+        influence = folder.table("block_influence")
     col = influence is not None and first_column(influence, "block_influence", "influence")
     if col and not influence.empty:
         top = _top(influence, col)
@@ -197,6 +205,11 @@ def ablation(folder: ResultFolder, anchor: str) -> list[Finding]:
             first = top.iloc[0]
             value = format_number(first["_key"])
             details = [f"{_where(r)}: {format_number(r['_key'])}" for _, r in top.iloc[1:].iterrows()]
+            agreement = folder.table("similarity_agreement")
+            if agreement is not None and {"metric", "spearman_delta_ppl"} <= set(agreement.columns):
+                for _, r in agreement[agreement["metric"] == col].iterrows():
+                    details.append(f"Spearman with the measured block-ablation delta_ppl: "
+                                   f"{format_number(r['spearman_delta_ppl'])} over {r.get('blocks', '?')} blocks")
             found.append(Finding("Sensitive layers",
                                  f"Highest block influence (1 - cos(input, output)): {_where(first)}, {value}"
                                  f"{_suffix(folder)}.", value, anchor, details))
@@ -309,18 +322,46 @@ def weight_stats(folder: ResultFolder, anchor: str) -> list[Finding]:
 
 
 def quant_plan(folder: ResultFolder, anchor: str) -> list[Finding]:
+    summary = folder.table("quant_plan_summary")
+    if summary is not None and not summary.empty and "plan_avg_bits" in summary.columns:
+        row = summary.iloc[0]
+        value = format_number(row["plan_avg_bits"])
+        formats = str(row["formats"]).replace(";", ", ").replace(":", " x ") if "formats" in row.index else ""
+        budget = f" (budget {format_number(row['budget_avg_bits'])})" if "budget_avg_bits" in row.index else ""
+        metric = f", minimising {row['metric']}" if "metric" in row.index else ""
+        modules = f" for {format_number(row['modules'], True)} modules" if "modules" in row.index else ""
+        return [Finding("Quantization plan", f"Quantization plan at {value} average bits{budget}{modules}{metric}: "
+                        f"{formats}{_suffix(folder)}.", value, anchor)]
     frame = folder.table("quant_plan")
     if frame is None or frame.empty:
         return []
     fmt = first_column(frame, "format", "bits", "w_bits")
     counts = frame[fmt].astype(str).value_counts() if fmt else pd.Series(dtype=int)
-    spread = ", ".join(f"{n} x {f}" for f, n in counts.items())
-    bits = next((folder.manifest[k] for k in ("avg_bits", "achieved_avg_bits", "average_bits") if k in folder.manifest),
-                None)
-    value = format_number(bits) if bits is not None else str(len(frame))
-    budget = f" at {value} average bits" if bits is not None else ""
-    return [Finding("Quantization plan", f"Quantization plan{budget} for {len(frame)} modules: {spread}"
-                    f"{_suffix(folder)}.", value, anchor)]
+    spread = ", ".join(f"{f} x {n}" for f, n in counts.items())
+    return [Finding("Quantization plan", f"Quantization plan for {len(frame)} modules: {spread}{_suffix(folder)}.",
+                    str(len(frame)), anchor)]
+
+
+def quant_eval(folder: ResultFolder, anchor: str) -> list[Finding]:
+    frame = folder.table("quant_eval")
+    if frame is None or frame.empty:
+        frame = folder.table("quant_sweep")
+    if frame is None or frame.empty or not {"kind", "ppl", "avg_bits"} <= set(frame.columns):
+        return []
+    plans = frame[frame["kind"] == "plan"]
+    if plans.empty:
+        return []
+    found = []
+    for _, plan in plans.iterrows():
+        bits = float(plan["avg_bits"])
+        others = frame[(frame["kind"].isin(["uniform", "random"])) & ((numeric(frame, "avg_bits") - bits).abs() < 0.05)]
+        compare = "; ".join(f"{k} {format_number(numeric(g, 'ppl').min())}" + (" (best)" if len(g) > 1 else "")
+                            for k, g in others.groupby("kind"))
+        found.append(Finding("Quantization plan",
+                             f"Perplexity under the plan at {format_number(bits)} average bits: "
+                             f"{format_number(plan['ppl'])}" + (f" (vs {compare} at the same size)" if compare else "")
+                             + f"{_suffix(folder)}.", format_number(plan["ppl"]), anchor))
+    return found[:3]
 
 
 #: command -> finding function, in the order findings are listed.
@@ -336,6 +377,7 @@ FINDERS: list[tuple[str, Callable[[ResultFolder, str], list[Finding]]]] = [
     ("activations quant-error", quant_error),
     ("weights stats", weight_stats),
     ("quant plan", quant_plan),
+    ("quant eval", quant_eval),
 ]
 
 #: Topics the report always answers; each lists the analyses that can support it.
