@@ -180,7 +180,8 @@ _SPECS: list[SectionSpec] = [
                            "output_spike", "token_position", "token", "ppl", "delta_ppl", "kl"),
                           sort_by="delta_ppl"),
                 TableSpec("super_weight_checks", "Checks", sort_by="delta_ppl"),
-                TableSpec("massive_activations", "Massive activations per layer", sort_by="max_abs")),
+                TableSpec("massive_activations", "Massive activations per layer", sort_by="max_abs"),
+                TableSpec("reference", "Unmodified model")),
     ),
     SectionSpec(
         "robustness ablation", "Ablation sensitivity",
@@ -197,7 +198,8 @@ _SPECS: list[SectionSpec] = [
                           sort_by="delta_ppl"),
                 TableSpec("block_similarity", "Block influence and angular distance", sort_by="block_influence"),
                 TableSpec("block_influence", "Block influence", sort_by="block_influence"),
-                TableSpec("similarity_agreement", "Agreement with measured ablation (Spearman)")),
+                TableSpec("similarity_agreement", "Agreement with measured ablation (Spearman)"),
+                TableSpec("reference", "Unmodified model")),
     ),
     SectionSpec(
         "robustness noise", "Noise robustness",
@@ -222,6 +224,26 @@ _SPECS: list[SectionSpec] = [
         figures=("adversarial*",),
         tables=(TableSpec("adversarial_summary", "Per attack and budget"),
                 TableSpec("adversarial_runs", "Every run")),
+    ),
+    SectionSpec(
+        "prune run", "Pruning",
+        "Weights pruned (magnitude, Wanda or SparseGPT; unstructured or N:M) layer by layer on "
+        "calibration inputs; achieved sparsity and the relative reconstruction error "
+        "||WX - W'X||^2 / ||WX||^2 per matrix, and perplexity before and after.",
+        figures=("prune_perplexity", "prune_layers", "prune_reconstruction_error"),
+        tables=(TableSpec("prune_summary", "Summary"),
+                TableSpec("prune_perplexity", "Perplexity before and after"),
+                TableSpec("pruned_layers", "Per layer"),
+                TableSpec("pruned_matrices", "Per matrix",
+                          ("module", "layer", "role", "method", "pattern", "target_sparsity", "achieved_sparsity",
+                           "reconstruction_error"),
+                          sort_by="reconstruction_error")),
+    ),
+    SectionSpec(
+        "prune layer-metrics", "Pruning metrics of one layer",
+        "|W|, the activation norms sqrt(E[x_j^2]) and the Wanda score |W| sqrt(E[x_j^2]) of one layer: "
+        "heatmaps, histograms and statistics.",
+        tables=(TableSpec("layer_metrics", "Statistics"),),
     ),
     SectionSpec(
         "quant plan", "Quantization plan",

@@ -161,7 +161,7 @@ def super_weights(folder: ResultFolder, anchor: str) -> list[Finding]:
     if effect:
         what = f"; zeroing it alone gives {effect} = {format_number(first[effect])}"
         if effect != "ppl" and "ppl" in frame.columns:
-            what += f" (perplexity {format_number(first['ppl'])})"
+            what += f" (perplexity {format_number(first['ppl'])}{_reference_ppl(folder)})"
     details = []
     for _, r in ranked.iloc[1:TOP + 1].iterrows():
         c = f"[{format_number(r[row_col], True)}, {format_number(r[col_col], True)}]" if row_col and col_col else ""
@@ -179,6 +179,31 @@ def super_weights(folder: ResultFolder, anchor: str) -> list[Finding]:
                     f"{_suffix(folder)}.", str(count), anchor, details)]
 
 
+def _reference_ppl(folder: ResultFolder) -> str:
+    """' vs 507.7 unmodified' from a robustness run's reference table, when it has one."""
+    reference = folder.table("reference")
+    if reference is None or reference.empty or "ppl" not in reference.columns:
+        return ""
+    return f" vs {format_number(reference.iloc[0]['ppl'])} unmodified"
+
+
+def prune(folder: ResultFolder, anchor: str) -> list[Finding]:
+    summary = folder.table("prune_summary")
+    if summary is None or summary.empty or "achieved_sparsity" not in summary.columns:
+        return []
+    row = summary.iloc[0]
+    how = " ".join(str(row[c]) for c in ("method", "pattern") if c in row.index and isinstance(row[c], str))
+    value = f"{100 * float(row['achieved_sparsity']):.1f}%"
+    ppl = ""
+    if {"ppl_dense", "ppl_pruned"} <= set(row.index) and pd.notna(row["ppl_dense"]) and pd.notna(row["ppl_pruned"]):
+        ppl = f"; perplexity {format_number(row['ppl_dense'])} -> {format_number(row['ppl_pruned'])}"
+    error = ""
+    if "mean_reconstruction_error" in row.index and pd.notna(row["mean_reconstruction_error"]):
+        error = f"; mean relative reconstruction error {format_number(row['mean_reconstruction_error'])}"
+    return [Finding("Pruning", f"Pruned{' (' + how + ')' if how else ''} to {value} sparsity{ppl}{error}"
+                    f"{_suffix(folder)}.", value, anchor)]
+
+
 def ablation(folder: ResultFolder, anchor: str) -> list[Finding]:
     found = []
     frame = folder.table("ablation")
@@ -192,9 +217,10 @@ def ablation(folder: ResultFolder, anchor: str) -> list[Finding]:
             value = format_number(first["_key"])
             details = [f"{r[target] if target else _where(r)}: {format_number(r['_key'])}"
                        for _, r in top.iloc[1:].iterrows()]
+            ppl = f" (perplexity {format_number(first['ppl'])}{_reference_ppl(folder)})" if "ppl" in first.index else ""
             found.append(Finding("Sensitive layers",
-                                 f"Most sensitive target under ablation: {label}, {effect} = {value}{_suffix(folder)}.",
-                                 value, anchor, details))
+                                 f"Most sensitive target under ablation: {label}, {effect} = {value}{ppl}"
+                                 f"{_suffix(folder)}.", value, anchor, details))
     influence = folder.table("block_similarity")
     if influence is None:
         influence = folder.table("block_influence")
@@ -376,6 +402,7 @@ FINDERS: list[tuple[str, Callable[[ResultFolder, str], list[Finding]]]] = [
     ("weights alpha-hill", alpha_hill),
     ("activations quant-error", quant_error),
     ("weights stats", weight_stats),
+    ("prune run", prune),
     ("quant plan", quant_plan),
     ("quant eval", quant_eval),
 ]
