@@ -337,6 +337,10 @@ def test_missing_analysis_is_named_and_build_still_works(synthetic, tmp_path):
     missing = {m.command for m in built.report.missing}
     assert {"activations kurtosis", "robustness super-weights"} <= missing
     assert [n.topic for n in built.report.not_measured] == ["Super weights"]
+    summary = built.summary()
+    assert "Super weights: not measured: run llmprobe robustness super-weights" in summary
+    assert any(line.startswith("not in this report: ") and "activations kurtosis" in line for line in summary)
+    assert summary[-2:] == [f"report: {built.html}", f"markdown: {built.markdown}"]
     html = built.html.read_text(encoding="utf-8")
     assert "Activation kurtosis (missing)" in html and "llmprobe robustness super-weights" in html
     assert_markdown_complete(built.markdown)
@@ -432,6 +436,7 @@ def test_diff_matches_a_plain_merge(two_runs):
     assert report.headlines[1].value == "-99.0%" and "layer 2 mlp.down, 5000 -> 50" in report.headlines[1].headline
     assert any("Activation max|x|: only run has" in m for m in report.missing)
     assert report.largest is not None and report.largest.rows[0][0].text == "Activation kurtosis"
+    assert built.summary()[0].startswith("Perplexity: Perplexity 12.5 (run) -> 15 (other), +20.00%")
     assert len(report.largest.rows) == 2  # only rows that changed
     # quant error: only (0, attn.o) changed among the matched pairs with a real change
     qe = metrics["Activation quantization error"]

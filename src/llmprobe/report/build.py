@@ -61,6 +61,18 @@ class BuiltReport:
     figures: list[Path]
     report: Report
 
+    def summary(self) -> list[str]:
+        """What a terminal should show after a build: the findings, the gaps, the files."""
+        r = self.report
+        lines = [f"{f.topic}: {f.headline}" for f in r.findings]
+        lines += [f"{n.topic}: {n.reason}" for n in r.not_measured]
+        if r.missing:
+            lines.append("not in this report: " + ", ".join(m.command for m in r.missing))
+        if r.incomplete:
+            lines.append("incomplete runs: " + ", ".join(f"{s.folder} ({s.status})" for s in r.incomplete))
+        lines += [f"report: {self.html}", f"markdown: {self.markdown}"]
+        return lines
+
 
 def build_report(dirs: list[str | Path], out_dir: str | Path | None = None, *, title: str | None = None,
                  max_extra_figures: int | None = None) -> BuiltReport:

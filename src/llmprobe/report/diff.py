@@ -105,6 +105,13 @@ class BuiltDiff:
     figures: list[Path]
     report: DiffReport
 
+    def summary(self) -> list[str]:
+        """What a terminal should show after a diff: the largest changes, what was not compared."""
+        lines = [f"{h.topic}: {h.headline}" for h in self.report.headlines]
+        lines += [f"not compared: {m}" for m in self.report.missing]
+        lines += [f"diff: {self.html}", f"markdown: {self.markdown}"]
+        return lines
+
 
 def default_diff_dir(a: str | Path, b: str | Path) -> Path:
     return Path("results") / f"diff--{slug(Path(a).resolve().name)}--vs--{slug(Path(b).resolve().name)}"
