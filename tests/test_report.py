@@ -256,6 +256,25 @@ def test_md_text_escapes_markup():
     assert md_text("**bold**") == "\\*\\*bold\\*\\*"
 
 
+def test_manifest_facts_name_model_data_windows_and_command():
+    from llmprobe.report.build import manifest_facts
+
+    facts = {f.label: f.value for f in manifest_facts({
+        "command": "activations kurtosis", "status": "complete", "command_line": "llmprobe activations kurtosis",
+        "llmprobe_version": "0.1.0", "libraries": {"torch": "2.13", "python": "3.11"},
+        "model": {"model": "m", "weights_sha256": "aa", "source": "local", "dtype": "float32"},
+        "dataset": {"name": "wiki", "sha256": "bb", "tokens": 123456}, "nsamples": 8, "seqlen": 128,
+        "windows_sha256": "cc", "options": {"nsamples": 8, "roles": None, "model": "m", "rotate": "none"},
+        "modules": 210, "analysis": "activations.kurtosis"})}
+    assert facts["model"] == "m" and facts["model weights_sha256"] == "aa"
+    assert facts["dataset"] == "wiki, 123,456 tokens" and facts["dataset sha256"] == "bb"
+    assert facts["windows"] == "nsamples 8, seqlen 128" and facts["windows sha256"] == "cc"
+    assert facts["options"] == "nsamples 8, rotate none"  # unset options and the model left out
+    assert facts["run facts"] == "modules 210"
+    assert facts["versions"] == "llmprobe 0.1.0, torch 2.13, python 3.11"
+    assert facts["command line"] == "llmprobe activations kurtosis"
+
+
 # -- report build ---------------------------------------------------------------------------
 
 def test_findings_name_the_planted_extremes(synthetic, tmp_path):

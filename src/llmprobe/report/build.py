@@ -242,7 +242,7 @@ def _expand_columns(wanted: tuple[str, ...], present: list[str]) -> list[str] | 
 
 _WINDOW_KEYS = ("nsamples", "max_windows", "windows", "seqlen", "stride", "seed", "batch_size")
 _SKIP_KEYS = {"llmprobe_version", "command", "command_line", "status", "started_at", "finished_at", "libraries",
-              "files", "model", "dataset", "error", *_WINDOW_KEYS}
+              "files", "model", "dataset", "error", "options", "analysis", "windows_sha256", *_WINDOW_KEYS}
 
 
 def manifest_facts(manifest: dict[str, Any]) -> list[Fact]:
@@ -275,10 +275,18 @@ def manifest_facts(manifest: dict[str, Any]) -> list[Fact]:
     windows = ", ".join(f"{k} {manifest[k]}" for k in _WINDOW_KEYS if manifest.get(k) is not None)
     if windows:
         facts.append(Fact("windows", windows))
-    options = ", ".join(f"{k} {_short(v)}" for k, v in manifest.items()
-                        if k not in _SKIP_KEYS and v not in (None, "", [], {}))
-    if options:
-        facts.append(Fact("options and counts", options))
+    if manifest.get("windows_sha256"):
+        facts.append(Fact("windows sha256", str(manifest["windows_sha256"])))
+    options = manifest.get("options")
+    if isinstance(options, dict):  # every option value, as the registry records them
+        shown = ", ".join(f"{k} {_short(v)}" for k, v in options.items()
+                          if k != "model" and v not in (None, "", [], {}))
+        if shown:
+            facts.append(Fact("options", shown))
+    others = ", ".join(f"{k} {_short(v)}" for k, v in manifest.items()
+                       if k not in _SKIP_KEYS and v not in (None, "", [], {}))
+    if others:
+        facts.append(Fact("options and counts" if not isinstance(options, dict) else "run facts", others))
     status = str(manifest.get("status", "unknown"))
     timing = f"{manifest.get('started_at') or '?'} to {manifest.get('finished_at') or 'not finished'}"
     facts.append(Fact("status", f"{status} ({timing})"))
