@@ -429,6 +429,8 @@ def test_diff_matches_a_plain_merge(two_runs):
     metrics = {m.title: m for m in report.metrics}
     kurt = metrics["Activation kurtosis"]
     assert kurt.matched == LAYERS * len(ROLES) and kurt.unmatched == len(ROLES)
+    # the base run recorded its dataset and windows, the other did not: the note says so
+    assert "the two runs differ in dataset; dataset sha256; windows" in kurt.note
     # the reference: a plain loop over both tables
     a = pd.read_csv(base / "activations-kurtosis" / "kurtosis_modules.csv")
     b = pd.read_csv(other / "activations-kurtosis" / "kurtosis_modules.csv")

@@ -165,7 +165,7 @@ def diff_reports(a: str | Path, b: str | Path, out_dir: str | Path | None = None
                 f"{view.matched} (layer, role) pairs matched, {view.unmatched} in one run only.",
                 value, view.id))
     largest = None
-    if all_rows:
+    if all_rows:  # only pairs whose value changed
         frame = pd.DataFrame(all_rows)
         largest = table_view(frame, table_id="largest-changes", name="largest_changes",
                              caption="Largest changes across all metrics", source="",
@@ -258,6 +258,9 @@ def _metric_view(metric: Metric, fa: ResultFolder, fb: ResultFolder, labels: tup
     note = f"column {column} of {metric.table}.csv"
     if not (fa.complete and fb.complete):
         note += "; from an incomplete run"
+    differing = _differing_facts(fa, fb)
+    if differing:
+        note += "; the two runs differ in " + "; ".join(differing)
     table = table_view(matched, table_id=view_id + "--table", name=metric.key, caption=f"{metric.title}: A vs B",
                        source="", sort_by="change_pct", by_abs=True,
                        note="Largest |relative change| first; delta = B - A, change_pct = 100 (B - A) / |A|.")
@@ -347,6 +350,26 @@ def _same(a, b) -> bool:
     return (pd.isna(a) and pd.isna(b)) or str(a) == str(b)
 
 
+_SETUP_FACTS = ("model", "loaded", "dataset", "dataset sha256", "windows", "options", "options and counts")
+
+
+def _differing_facts(fa: ResultFolder, fb: ResultFolder) -> list[str]:
+    """The set-up facts (model, data, windows, options) on which two runs of one analysis differ:
+    a change in the metric may come from them rather than from the model."""
+    facts_a = {f.label: f.value for f in manifest_facts(fa.manifest)}
+    facts_b = {f.label: f.value for f in manifest_facts(fb.manifest)}
+    out = []
+    for label in _SETUP_FACTS:
+        a, b = facts_a.get(label, ""), facts_b.get(label, "")
+        if a != b:
+            if label.startswith("options"):
+                pa, pb = set(a.split(", ")), set(b.split(", "))
+                out.append(f"{label} ({', '.join(sorted(pa - pb)) or '-'} vs {', '.join(sorted(pb - pa)) or '-'})")
+            else:
+                out.append(label)
+    return out
+
+
 def _facts(index_a: dict[str, ResultFolder], index_b: dict[str, ResultFolder],
            labels: tuple[str, str]) -> TableView | None:
     """Manifest facts side by side, from the first analysis both runs have."""
@@ -358,8 +381,8 @@ def _facts(index_a: dict[str, ResultFolder], index_b: dict[str, ResultFolder],
     facts_b = {f.label: f.value for f in manifest_facts(fb.manifest)}
     labels_all = list(dict.fromkeys([*facts_a, *facts_b]))
     frame = pd.DataFrame({"fact": labels_all,
+                          "same": ["yes" if facts_a.get(k) == facts_b.get(k) else "no" for k in labels_all],
                           labels[0]: [facts_a.get(k, "") for k in labels_all],
-                          labels[1]: [facts_b.get(k, "") for k in labels_all],
-                          "same": ["yes" if facts_a.get(k) == facts_b.get(k) else "no" for k in labels_all]})
+                          labels[1]: [facts_b.get(k, "") for k in labels_all]})
     return table_view(frame, table_id="facts", name="facts", caption=f"Run facts (from llmprobe {shared[0]})",
                       source="")
