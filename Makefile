@@ -11,9 +11,20 @@ DATA   ?= $(if $(wildcard $(SHARED_WIKITEXT)),$(SHARED_WIKITEXT),wikitext2)
 DEMO_OUT ?= results/demo
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install browser demo test test-fast lint bench clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed browser
+
+# Headless Chromium for the report's browser test (Debian's chromium + chromium-driver). Skipped
+# when both are already on PATH; where apt is missing or not permitted the install goes on and
+# that one test skips, saying why.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || ! command -v sudo >/dev/null 2>&1 || echo "sudo -n")
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && $(SUDO) apt-get update -qq && \
+	     DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null; then \
+	  echo "installed chromium and chromium-driver"; \
+	else echo "chromium not installed (no apt or no permission): the report's browser test will be skipped"; fi
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
