@@ -107,21 +107,26 @@ def analysis_options(name: str, options, overrides: dict[str, Any]) -> dict[str,
     return {k: v for k, v in values.items() if k in fields}
 
 
+def prepare_job(job):
+    """Every option of every stage is checked before the report's folder is opened."""
+    chosen = plan(job.options)
+    job.state["plan"] = chosen
+    job.state["parsed"] = {name: registry.get(name).options.parse(
+        analysis_options(name, job.options, chosen.overrides.get(name, {}))) for name in chosen.analyses}
+
+
 def report_run_job(job):
     from ..core.collect import SharedPass
     from ..session import Result, execute
 
-    options, session = job.options, job.session
-    chosen = plan(options)
-    root = job.run_dir
+    options, session, root = job.options, job.session, job.run_dir
+    chosen = job.state["plan"]
     rows: dict[str, ReportRun] = {}
     parsed: dict[str, Any] = {}
-    for name in chosen.analyses:  # every option of every stage is checked before the first runs
+    for name, values in job.state["parsed"].items():
         analysis = registry.get(name)
-        values = analysis_options(name, options, chosen.overrides.get(name, {}))
-        if root is not None:
-            values["out"] = root / f"{analysis.group}-{analysis.command}"
-        parsed[name] = analysis.options.parse(values)
+        out = None if root is None else root / f"{analysis.group}-{analysis.command}"
+        parsed[name] = values.model_copy(update={"out": out}) if "out" in type(values).model_fields else values
 
     shared = SharedPass()
     folded = [n for n in chosen.analyses if registry.get(n).shares_pass]

@@ -47,6 +47,7 @@ register(Analysis(
     help="Measure a model with a profile of analyses in one session and build its report (HTML + Markdown).",
     options=ReportRunOptions,
     needs=("source",),
+    prepare="llmprobe.analyses.report_run:prepare_job",
     compute="llmprobe.analyses.report_run:report_run_job",
     printer="llmprobe.analyses.report_run:print_summary",
     json_table="report_runs",
