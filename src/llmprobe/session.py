@@ -56,6 +56,7 @@ class Job:
     analysis: registry.Analysis
     started_at: str = ""
     state: dict[str, Any] = field(default_factory=dict)
+    run_dir: Path | None = None        # the folder this run writes into (None: nothing is written)
 
     # Shortcuts to what the session opens (once) for this job.
     @property
@@ -257,7 +258,7 @@ def execute(session: Session, analysis: registry.Analysis, options: Options, *,
         return result
     with RunOutput(out, command=f"{analysis.group} {analysis.command}", overwrite=overwrite, argv=argv) as run:
         run.update(**run_manifest(session, job))
-        job.started_at = run.manifest["started_at"]
+        job.started_at, job.run_dir = run.manifest["started_at"], run.dir
         result = compute(job)
         result.analysis, result.out = analysis.name, run.dir
         for table, records in result.tables.items():

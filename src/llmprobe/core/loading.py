@@ -168,12 +168,21 @@ def cache_root() -> Path:
     return Path(root).expanduser() if root else Path.home() / ".cache" / "llmprobe"
 
 
+_FILE_DIGESTS: dict[tuple, str] = {}
+
+
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+    """SHA-256 of a file, read once per process for the same (path, size, mtime): a run hashes
+    the model source for its manifest and the GGUF cache marks it, and a 100 MB read is not free."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _FILE_DIGESTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while block := fh.read(chunk):
+                digest.update(block)
+        _FILE_DIGESTS[key] = digest.hexdigest()
+    return _FILE_DIGESTS[key]
 
 
 def directory_weights_digest(path: Path) -> str:
