@@ -642,3 +642,35 @@ def test_diff_in_headless_chromium(two_runs, tmp_path):
         _screenshot(driver, tmp_path, "diff.png")
     finally:
         driver.quit()
+
+
+@pytest.mark.slow
+def test_embedded_model_report_in_headless_chromium(wikitext_path, tmp_path):
+    """The issue's check on the embedded SmolLM2-135M: a few quick analyses through the CLI, the
+    page built and opened; the findings name its real outliers."""
+    import llmprobe
+
+    run = tmp_path / "smollm2"
+    # one session: the model is loaded once; a slice of WikiText keeps tokenization short
+    text = tmp_path / "wiki-slice.txt"
+    text.write_text("".join(wikitext_path.read_text(encoding="utf-8").splitlines(keepends=True)[:400]))
+    data = {"dataset": str(text), "seqlen": 64}
+    with llmprobe.Session(None) as session:
+        for name, options in [("eval.perplexity", {**data, "max_windows": 2}), ("weights.stats", {}),
+                              ("activations.kurtosis", {**data, "nsamples": 2, "plot": True}),
+                              ("activations.max-median", {**data, "nsamples": 2})]:
+            session.run(name, out=run / name.replace(".", "-"), **options)
+    built = build_report([run])
+    topics = [f.topic for f in built.report.findings]
+    assert topics[0] == "Perplexity" and topics.count("Activation outliers") == 2
+    # SmolLM2's massive activations sit in MLP down projections
+    assert "mlp.down" in next(f for f in built.report.findings if "kurtosis" in f.headline).headline
+    assert_markdown_complete(built.markdown)
+    driver = _browser()
+    try:
+        _check_page(driver, built.html.resolve().as_uri())
+        _sort_check(driver, "activations-kurtosis--kurtosis-modules", "kurtosis_pooled")
+        driver.execute_script("window.scrollTo(0, 0)")
+        _screenshot(driver, tmp_path, "report-embedded.png")
+    finally:
+        driver.quit()
