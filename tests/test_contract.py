@@ -14,7 +14,7 @@ from conftest import WIKITEXT, assert_one_line_error, run_cli
 from tiny import save_tiny_model_dir
 
 from llmprobe import registry
-from llmprobe.options import flag_of
+from llmprobe.options import flag_of, is_argument
 
 
 def _invalid_values(field):
@@ -44,7 +44,8 @@ def _required_values(analysis) -> list[str]:
     args = []
     for name, field in analysis.options.model_fields.items():
         if field.is_required():
-            args += [flag_of(field), {"target_token": "the", "text": "The quick brown fox"}.get(name, "x")]
+            value = {"target_token": "the", "text": "The quick brown fox"}.get(name, "x")
+            args += [value] if is_argument(field) else [flag_of(field), value]
     return args
 
 

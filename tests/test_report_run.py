@@ -69,3 +69,23 @@ def test_a_failing_analysis_is_recorded_and_the_run_is_not_complete(model_dir, t
     assert manifest["status"] == "incomplete"
     assert json.loads((out / "activations-kurtosis" / "manifest.json").read_text())["status"] == "complete"
     assert (out / "report.html").is_file()
+
+
+def test_report_build_and_diff_commands(model_dir, tmp_path):
+    base = tmp_path / "base"
+    assert run_cli("report", "run", "--model", model_dir, *SMALL, "--only", "activations.kurtosis", "--only",
+                   "weights.stats", "--out", base, "--quiet").code == 0
+    other = tmp_path / "other"
+    assert run_cli("report", "run", "--model", model_dir, *SMALL, "--only", "activations.kurtosis", "--only",
+                   "weights.stats", "--set", "activations.kurtosis.rotate=hadamard", "--out", other,
+                   "--quiet").code == 0
+    rebuilt = tmp_path / "rebuilt"
+    result = run_cli("report", "build", base, "--out", rebuilt, "--title", "again")
+    assert result.code == 0, result
+    assert "again" in (rebuilt / "report.html").read_text()
+    diff = tmp_path / "diff"
+    result = run_cli("report", "diff", base, other, "--out", diff, "--labels", "plain,rotated")
+    assert result.code == 0, result
+    assert (diff / "diff.html").is_file() and (diff / "diff.md").is_file()
+    assert_one_line_error(run_cli("report", "diff", base, other, "--labels", "one"), "--labels")
+    assert_one_line_error(run_cli("report", "build", tmp_path / "nothing-here"), "is not a folder")

@@ -3,9 +3,10 @@ one report (HTML + Markdown) from their result folders."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
-from ..options import DATA, DATASET_HELP, DeviceMapOptions, OutputOptions, option
+from ..options import DATA, DATASET_HELP, OUTPUT, DeviceMapOptions, Options, OutputOptions, option
 from ..registry import Analysis, register, register_group
 
 register_group("report", "Reports: measure a model in one command, build HTML + Markdown from result folders, "
@@ -51,4 +52,52 @@ register(Analysis(
     compute="llmprobe.analyses.report_run:report_run_job",
     printer="llmprobe.analyses.report_run:print_summary",
     json_table="report_runs",
+))
+
+
+class ReportBuildOptions(Options):
+    dirs: list[Path] = option(..., "DIRS...", argument=True,
+                              help="Report folders (made by report run) or result folders of single commands.")
+    into: Optional[Path] = option(None, "--out", "-o", panel=OUTPUT,
+                                  help="Where report.html, report.md and report_figures/ go (default: the first DIR).")
+    title: Optional[str] = option(None, "--title", help="Title of the page (default: 'llmprobe report: <model>').")
+    max_extra_figures: Optional[int] = option(None, "--max-extra-figures", ge=0,
+                                              help="Further figures per section behind a fold (default 8).")
+    quiet: bool = option(False, "--quiet", "-q", panel=OUTPUT, help="No progress bars or status lines.")
+
+
+register(Analysis(
+    name="report.build",
+    help="Build one self-contained HTML page (and the same as Markdown) from result folders.",
+    options=ReportBuildOptions,
+    compute="llmprobe.report.commands:build_job",
+    printer="llmprobe.report.commands:print_built",
+    writes_by_default=False,
+))
+
+
+class ReportDiffOptions(Options):
+    a: Path = option(..., "A", argument=True, help="The first run: a report folder or a result folder.")
+    b: Path = option(..., "B", argument=True, help="The second run, compared with the first.")
+    into: Optional[Path] = option(None, "--out", "-o", panel=OUTPUT,
+                                  help="Where diff.html, diff.md and diff_figures/ go "
+                                       "(default: results/diff--<A>--vs--<B>).")
+    labels: Optional[str] = option(None, "--labels", help="Names of the two runs, 'A,B' (default: the folder names).")
+    title: Optional[str] = option(None, "--title", help="Title of the page.")
+    quiet: bool = option(False, "--quiet", "-q", panel=OUTPUT, help="No progress bars or status lines.")
+
+    def check(self) -> None:
+        from ..core.errors import LLMProbeError
+
+        if self.labels is not None and len(self.labels.split(",")) != 2:
+            raise LLMProbeError(f"--labels '{self.labels}' must be two names separated by a comma, e.g. base,pruned")
+
+
+register(Analysis(
+    name="report.diff",
+    help="Compare two runs (base vs pruned or quantized, or two models): per-layer deltas, largest first.",
+    options=ReportDiffOptions,
+    compute="llmprobe.report.commands:diff_job",
+    printer="llmprobe.report.commands:print_built",
+    writes_by_default=False,
 ))
