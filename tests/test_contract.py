@@ -192,3 +192,12 @@ def test_help_groups_options_in_panels():
     out = run_cli("activations", "kurtosis", "--help").stdout
     for panel in ("Analysis", "Data", "Model", "Output"):
         assert panel in out
+
+
+def test_docs_option_tables_are_generated_from_the_declarations():
+    from conftest import ROOT
+
+    from llmprobe.cli.docs import options_markdown
+
+    assert (ROOT / "docs" / "options.md").read_text() == options_markdown(), \
+        "docs/options.md is stale: run `python -m llmprobe.cli.docs > docs/options.md`"
