@@ -49,6 +49,7 @@ import pandas as pd
 
 from .. import __version__
 from .errors import LLMProbeError
+from .paths import describe_kind, expand_user
 from .records import Record
 
 _LIBRARIES = ("torch", "transformers", "accelerate", "safetensors", "gguf", "numpy", "scipy", "pandas",
@@ -223,20 +224,7 @@ def expand_out_path(path: str | os.PathLike | None, flag: str = "--out") -> Path
     if raw.strip() in (".", "./"):
         raise LLMProbeError(f"{flag} {raw} is the current folder: results go into a folder of their own, "
                             f"e.g. {flag} results/run1")
-    expanded = os.path.expanduser(raw)
-    if expanded.startswith("~"):
-        user = raw[1:].split("/", 1)[0]
-        raise LLMProbeError(f"{flag} {raw}: there is no user '{user}' whose home folder '~{user}' could stand for")
-    return Path(expanded)
-
-
-def _describe_kind(mode: int) -> str:
-    for test, word in ((stat.S_ISREG, "a regular file"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a named pipe"),
-                       (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return word
-    return "not a folder"
+    return expand_user(raw, flag)
 
 
 def _is_within(path: Path, folder: Path) -> bool:
@@ -288,14 +276,14 @@ def check_out_target(path: str | os.PathLike | None, overwrite: bool = False,
         base = base.parent
     if base != real:
         if not base.is_dir():
-            raise LLMProbeError(f"{flag} {shown} is below {base}, which is {_describe_kind(os.stat(base).st_mode)}, "
+            raise LLMProbeError(f"{flag} {shown} is below {base}, which is {describe_kind(os.stat(base).st_mode)}, "
                                 f"not a folder")
         if not os.access(base, os.W_OK | os.X_OK):
             raise LLMProbeError(f"cannot create {flag} {shown}: {base} is not writable")
         return target
     mode = os.stat(real).st_mode
     if not stat.S_ISDIR(mode):
-        raise LLMProbeError(f"{flag} {shown} exists and is {_describe_kind(mode)}, not a folder")
+        raise LLMProbeError(f"{flag} {shown} exists and is {describe_kind(mode)}, not a folder")
     if not os.access(real.parent, os.W_OK | os.X_OK):
         raise LLMProbeError(f"cannot use {flag} {shown}: its parent folder {real.parent} is not writable "
                             f"(the lock and the new run are written beside it)")
