@@ -358,7 +358,7 @@ _POSITIVE_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "n
 def check_config_sizes(config, where: str) -> None:
     """Refuse a config whose sizes are not positive integers (hand-edited or damaged)."""
     for name in _POSITIVE_SIZES:
-        value = getattr(config, name, None)
+        value = config.get(name) if isinstance(config, dict) else getattr(config, name, None)
         if value is None or isinstance(value, bool):
             continue
         if not isinstance(value, int) or value <= 0:
@@ -380,6 +380,7 @@ def _precheck_local_config(source: ModelSource) -> None:
         raise LLMProbeError(f"{path} is not a JSON object")
     if doc.get("auto_map") and not source.trust_remote_code:
         raise remote_code_refusal(source)
+    check_config_sizes(doc, source.display)
     model_type = doc.get("model_type")
     if model_type is not None and not doc.get("auto_map"):
         from transformers import CONFIG_MAPPING

@@ -75,25 +75,19 @@ def slugify(text: str) -> str:
 # --------------------------------------------------------------------------------------------
 # atomic files that follow the umask
 
-_UMASK: int | None = None
-
-
 def current_umask() -> int:
-    """The process umask, read without changing it where the OS allows (Linux /proc)."""
-    global _UMASK
-    if _UMASK is None:
-        try:
-            with open("/proc/self/status", encoding="ascii") as fh:
-                for line in fh:
-                    if line.startswith("Umask:"):
-                        _UMASK = int(line.split()[1], 8)
-                        break
-        except (OSError, ValueError):
-            pass
-        if _UMASK is None:  # no /proc: the classic set-and-restore
-            _UMASK = os.umask(0o022)
-            os.umask(_UMASK)
-    return _UMASK
+    """The process umask, read without changing it where the OS allows (Linux /proc); read
+    each time, since a caller may change it between runs."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # no /proc: the classic set-and-restore
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -256,6 +250,7 @@ def check_out_target(path: str | os.PathLike | None, overwrite: bool = False,
         if real == place:
             raise LLMProbeError(f"{flag} {shown} is {label}: results go into a folder of their own, "
                                 f"e.g. {flag} {os.path.join(shown, 'run1')}")
+    for label, place in places:
         if real in place.parents:
             raise LLMProbeError(f"{flag} {shown} contains {label}: choose a folder of its own for the results")
     if model_path is not None and str(model_path).strip():
