@@ -717,3 +717,9 @@ def test_cli_out_of_vocabulary_exclude_token(cli, model_dir, tmp_path, wikitext_
     result = cli("activations", "magnitude", "--model", model_dir, "--dataset", text, "--nsamples", "2",
                  "--seqlen", "16", "--exclude-tokens", "999999", "--out", tmp_path / "o", "--quiet")
     assert_one_line_error(result, "999999", "not in the vocabulary")
+
+
+def test_cli_layers_filter_matching_nothing_is_exit_2(cli, model_dir, tmp_path):
+    result = cli("model", "layers", "--model", model_dir, "--filter", "no_such_module", "--out", tmp_path / "o")
+    assert_one_line_error(result, "no linear module matches")
+    assert not (tmp_path / "o").exists()
