@@ -113,7 +113,8 @@ def test_model_folder_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("target, needle", [
-    ("/proc/llmprobe-x", "/proc"), ("/sys/llmprobe-x", "/sys"), ("/dev/null", "/dev"), ("/dev/shm/x", "/dev"),
+    ("/proc/llmprobe-x", "/proc"), ("/sys/llmprobe-x", "/sys"), ("/dev/null", "/dev"), ("/dev/shm", "/dev"),
+    ("/dev/llmprobe-x", "/dev"),
 ])
 def test_system_trees_are_refused(target, needle):
     with pytest.raises(LLMProbeError, match=needle):

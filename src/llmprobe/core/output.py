@@ -238,7 +238,9 @@ def check_out_target(path: str | os.PathLike | None, overwrite: bool = False,
     absolute = Path(os.path.abspath(target))
     real = Path(os.path.realpath(absolute))
     for tree in SYSTEM_TREES:
-        if _is_within(real, Path(tree)) or _is_within(absolute, Path(tree)):
+        inside = [p for p in (real, absolute) if _is_within(p, Path(tree))]
+        # /dev/shm is an ordinary (memory-backed) folder, a fair place for scratch results.
+        if inside and not all(_is_within(p, Path("/dev/shm")) and p != Path("/dev/shm") for p in inside):
             raise LLMProbeError(f"{flag} {shown} is under {tree}, a system folder: choose a folder for results")
     if real == Path(real.anchor):
         raise LLMProbeError(f"{flag} {shown} is the root folder: choose a folder of its own for the results")
@@ -450,7 +452,8 @@ class RunOutput:
             if state.kind in ("absent", "empty"):
                 self._created = state.kind == "absent"
                 self._real.mkdir(exist_ok=True)
-                self.dir = self.target
+                # Absolute while the run writes, so a change of working folder cannot scatter it.
+                self.dir = Path(os.path.abspath(self.target))
             else:
                 self._previous_complete = state.status == "complete"
                 self._staging = self._beside(STAGING_SUFFIX)
