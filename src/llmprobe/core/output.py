@@ -244,7 +244,9 @@ def check_out_target(path: str | os.PathLike | None, overwrite: bool = False,
             raise LLMProbeError(f"{flag} {shown} is under {tree}, a system folder: choose a folder for results")
     if real == Path(real.anchor):
         raise LLMProbeError(f"{flag} {shown} is the root folder: choose a folder of its own for the results")
-    places = [("the current folder", Path(os.path.realpath(os.getcwd())))]
+    places = []
+    with contextlib.suppress(OSError):  # the working folder may have been deleted under us
+        places.append(("the current folder", Path(os.path.realpath(os.getcwd()))))
     home = os.path.expanduser("~")
     if home != "~":
         places.append(("your home folder", Path(os.path.realpath(home))))
