@@ -257,6 +257,31 @@ def test_first_run_that_fails_is_visible_as_incomplete_and_does_not_block(tmp_pa
     assert manifest_of(out)["status"] == "complete"
 
 
+def test_bad_input_inside_a_run_changes_nothing_on_disk(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(LLMProbeError):
+        with RunOutput(out, command="x") as run:
+            run.write_table("rows", [_Row(name="a", value=1.0)])
+            raise LLMProbeError("--batch-size must be at least 1")
+    assert not out.exists() and leftovers(out) == []
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(LLMProbeError):
+        with RunOutput(empty, command="x") as run:
+            run.write_json("x", {})
+            raise LLMProbeError("bad")
+    assert list(empty.iterdir()) == [] and leftovers(empty) == []
+    # Over an earlier incomplete run: that run stays as it was, too.
+    with pytest.raises(RuntimeError):
+        with RunOutput(out, command="crashed"):
+            raise RuntimeError("crash")
+    before = snapshot(out)
+    with pytest.raises(LLMProbeError):
+        with RunOutput(out, command="x"):
+            raise LLMProbeError("bad")
+    assert snapshot(out) == before
+
+
 def test_failure_over_an_incomplete_run_replaces_it(tmp_path):
     out = tmp_path / "run"
     with pytest.raises(RuntimeError):

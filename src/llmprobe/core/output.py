@@ -16,8 +16,10 @@ Rules (docs/outputs.md explains them for users):
 * When an earlier run exists, the new one is written into a staging folder beside it
   (``.NAME.llmprobe-staging``) and swapped in by two renames only when it completes; a run that
   fails, is interrupted or killed leaves an earlier complete run byte for byte as it was. With
-  nothing to protect (no folder, or an empty one) the run is written in place, so a failed or
-  killed first run stays visible with ``"status": "incomplete"`` in its manifest.
+  nothing to protect (no folder, or an empty one) the run is written in place, so a crashed,
+  interrupted or killed first run stays visible with ``"status": "incomplete"`` in its manifest.
+* Bad input (an :class:`LLMProbeError` raised inside the run) changes nothing on disk: the
+  staging folder, or the folder the run created, is removed again.
 * Every file is written atomically (temporary file in the same folder, then rename) with the
   permissions the umask gives, and registered in the manifest before it is renamed into place,
   so the manifest of a killed run still lists every file of that run.
@@ -511,6 +513,11 @@ class RunOutput:
             else:
                 self.manifest["error"] = f"{exc_type.__name__}: {exc}" if exc is not None else exc_type.__name__
         try:
+            if exc_type is not None and issubclass(exc_type, LLMProbeError):
+                # Bad input changes nothing on disk: the message says what to fix, and a
+                # half-written folder would only be in the way of the corrected rerun.
+                self._discard()
+                return
             self._write_manifest()
             if self._staging is not None:
                 if exc_type is None or not self._previous_complete:
@@ -539,16 +546,27 @@ class RunOutput:
                                 f"its files are in {staging}") from None
         shutil.rmtree(previous, ignore_errors=True)
 
-    def abandon(self) -> None:
-        """Give the folder up without finishing (a run that never entered its ``with`` block):
-        drop the staging folder, or the folder this run created, and release the lock."""
-        if self._finished:
-            return
-        self._finished = True
+    def _discard(self) -> None:
+        """Leave the disk as this run found it: drop the staging folder, or the folder this
+        run created (an existing empty folder is emptied again)."""
         if self._staging is not None:
             shutil.rmtree(self._staging, ignore_errors=True)
         elif self._created:
             shutil.rmtree(self._real, ignore_errors=True)
+        elif self._real.is_dir():
+            for entry in list(self._real.iterdir()):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+
+    def abandon(self) -> None:
+        """Give the folder up without finishing (a run that never entered its ``with`` block):
+        leave the disk as it was and release the lock."""
+        if self._finished:
+            return
+        self._finished = True
+        self._discard()
         self.dir = self.target
         self._lock.release()
 
@@ -620,15 +638,6 @@ class RunOutput:
         self._register(path)
         atomic_write_bytes(path, buffer.getvalue())
         return path
-
-
-def check_out_target(out_dir: str | Path, overwrite: bool) -> None:
-    """Refuse an output folder before any work is done (the run itself checks again)."""
-    path = Path(out_dir)
-    if path.exists() and not path.is_dir():
-        raise LLMProbeError(f"--out {path} exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise LLMProbeError(f"output directory {path} already holds results; pass --overwrite or choose another --out")
 
 
 def default_out_dir(model_slug: str, group: str, command: str) -> Path:
