@@ -80,12 +80,23 @@ def unescape_token(text: str) -> str:
     return re.sub(r"\\([ntrs\\])", lambda m: _ESCAPES[m.group(1)], text)
 
 
-def resolve_exclude_tokens(tokenizer, tokens: Sequence[str]) -> frozenset[int]:
-    """Token strings (or ids written as integers) to ids, as the tokenizer writes them in text."""
+def resolve_exclude_tokens(tokenizer, tokens: Sequence[str], vocab_size: int | None = None) -> frozenset[int]:
+    """Token strings (or ids written as integers) to ids, as the tokenizer writes them in text.
+
+    An id must exist: 0 <= id < the larger of the tokenizer's length and ``vocab_size`` (the
+    model's embedding rows, which may be padded past the tokenizer). An id outside would
+    silently exclude nothing.
+    """
     ids: set[int] = set()
+    sizes = [n for n in (_tokenizer_length(tokenizer), vocab_size) if isinstance(n, int) and n > 0]
+    limit = max(sizes) if sizes else None
     for text in map(unescape_token, tokens):
         if text.strip().lstrip("-").isdigit():
-            ids.add(int(text))
+            value = int(text)
+            if value < 0 or (limit is not None and value >= limit):
+                bound = f"0 to {limit - 1}" if limit is not None else "non-negative"
+                raise LLMProbeError(f"--exclude-tokens: id {value} is not in the vocabulary (ids are {bound})")
+            ids.add(value)
             continue
         found = tokenizer.convert_tokens_to_ids(text)
         unk = getattr(tokenizer, "unk_token_id", None)
@@ -97,6 +108,14 @@ def resolve_exclude_tokens(tokenizer, tokens: Sequence[str]) -> frozenset[int]:
             raise LLMProbeError(f"--exclude-tokens: '{text}' encodes to no token")
         ids.update(encoded)
     return frozenset(ids)
+
+
+def _tokenizer_length(tokenizer) -> int | None:
+    try:
+        return len(tokenizer)
+    except TypeError:
+        size = getattr(tokenizer, "get_vocab_size", None)  # a bare tokenizers.Tokenizer
+        return int(size()) if callable(size) else None
 
 
 def check_site(site: str) -> str:
