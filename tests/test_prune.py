@@ -517,3 +517,76 @@ def test_embedded_model_end_to_end(embedded, wikitext_path):
     assert stages["pruned"] > stages["dense"]
     params = dict(embedded.model.named_parameters())
     assert all(torch.equal(params[name], value) for name, value in before.items())
+
+
+# -- through the CLI and llmprobe.run --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from tiny import save_tiny_model_dir
+
+    return save_tiny_model_dir("llama", tmp_path_factory.mktemp("tiny-llama"))
+
+
+def _data_args(wikitext):
+    return ["--dataset", str(wikitext), "--nsamples", "2", "--seqlen", "32", "--eval-dataset", str(wikitext),
+            "--eval-seqlen", "64", "--max-windows", "2"]
+
+
+def test_cli_prune_run_writes_a_loadable_model(tiny_dir, wikitext_path, tmp_path):
+    import json as _json
+
+    from conftest import run_cli
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    args = ["prune", "run", "--model", str(tiny_dir), "--method", "sparsegpt", "--nm", "2:4",
+            *_data_args(wikitext_path), "--save-mask", "--plot", "--quiet", "--out", str(out)]
+    result = run_cli(*args)
+    assert result.code == 0, result
+    manifest = _json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert {"model/model.safetensors", "model/config.json", "masks.safetensors", "prune_summary.csv",
+            "pruned_matrices.csv", "prune_perplexity.csv", "prune_layers.png"} <= set(manifest["files"])
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    weight = model.model.layers[1].mlp.down_proj.weight
+    assert nm_valid(weight.detach(), 2, 4)
+    # the folder is recognised as an llmprobe run: --overwrite may replace it
+    again = run_cli(*args[:-2], "--out", str(out), "--overwrite", "--no-save-model")
+    assert again.code == 0, again
+    assert not (out / "model").exists()
+
+
+def test_python_run_and_layer_metrics(tiny_dir, wikitext_path, tmp_path):
+    import llmprobe
+    from conftest import run_cli
+
+    result = llmprobe.run("prune.run", model=str(tiny_dir), method="magnitude", sparsity=0.25, evaluate=False,
+                          save_model=False)
+    assert result["prune_summary"][0].achieved_sparsity == pytest.approx(0.25, abs=0.01)
+    out = tmp_path / "metrics"
+    cli = run_cli("prune", "layer-metrics", "--model", str(tiny_dir), "--layer", "model.layers.0.self_attn.q_proj",
+                  "--dataset", str(wikitext_path), "--nsamples", "2", "--seqlen", "32", "--plot", "--quiet",
+                  "--out", str(out))
+    assert cli.code == 0, cli
+    assert (out / "layer_metrics.csv").is_file()
+    assert (out / "layer_metrics_model.layers.0.self_attn.q_proj.png").is_file()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["prune", "run", "--sparsity", "1.0"], "--sparsity"),
+    (["prune", "run", "--nm", "4:4"], "N < M"),
+    (["prune", "run", "--nm", "2:4", "--sparsity", "0.5"], "not both"),
+    (["prune", "run", "--method", "obs"], "--method"),
+    (["prune", "run", "--nm", "3:5"], "multiple of 5"),
+    (["prune", "layer-metrics", "--layer", "model.layers.0.mlp.down_prj"], "closest: model.layers.0.mlp.down_proj"),
+])
+def test_cli_bad_input_one_line_exit_2(args, needle, tiny_dir, wikitext_path, tmp_path):
+    from conftest import assert_one_line_error, run_cli
+
+    out = tmp_path / "never"
+    result = run_cli(*args, "--model", str(tiny_dir), "--dataset", str(wikitext_path), "--nsamples", "2",
+                     "--seqlen", "32", "--out", str(out))
+    assert_one_line_error(result, needle)
+    assert not out.exists()

@@ -664,3 +664,74 @@ def layer_metrics(lm: LoadedModel, layer: str, windows: torch.Tensor, *, batch_s
                           "activation_norm": _histogram(act_norm.numpy(), bins),
                           "wanda_score": _histogram(score.numpy(), bins)}}
     return {"layer_metrics": rows}, {"layer_metrics": doc}
+
+
+# -- job adapters (the registry's prune.run and prune.layer-metrics) --------------------------
+
+
+def prepare_run_job(job) -> None:
+    """Every check that needs the model or data, before the output folder is opened."""
+    from ..core.loading import resolve_device
+    from .perplexity import check_seqlen, default_seqlen
+
+    o, lm = job.options, job.lm
+    spec = check_options(o.method, o.target_sparsity, o.nm, scope=o.scope, allocation=o.allocation, owl_m=o.owl_m,
+                         owl_lambda=o.owl_lambda, percdamp=o.percdamp, blocksize=o.blocksize)
+    select_sites(ModuleMap(lm.model), o.roles, o.layer_list(), o.filter, spec.nm)
+    job.state["compute"] = (next(lm.model.parameters()).device if o.compute_device == "auto"
+                            else resolve_device(o.compute_device))
+    if spec.needs_calibration:
+        seqlen = check_seqlen(o.seqlen, lm.max_length) if o.seqlen is not None else default_seqlen(lm.max_length)
+        job.state["calibration"] = job.session.calibration(o.model_copy(update={"seqlen": seqlen}))
+    if o.evaluate:
+        eval_seqlen = (check_seqlen(o.eval_seqlen, lm.max_length) if o.eval_seqlen is not None
+                       else default_seqlen(lm.max_length))
+        corpus, ids = job.session.token_ids(o.eval_dataset, purpose="eval")
+        if len(ids) < eval_seqlen:
+            raise LLMProbeError(f"the evaluation text has only {len(ids)} tokens, fewer than --eval-seqlen "
+                                f"{eval_seqlen}; use a smaller --eval-seqlen or a longer text")
+        job.state["evaluation"] = (corpus, ids)
+        job.state["eval_seqlen"] = eval_seqlen
+
+
+def run_job(job):
+    from ..session import Result
+
+    o, state = job.options, job.state
+    calib = state.get("calibration")
+    corpus, ids = state.get("evaluation", (None, None))
+    save_dir = job.run_dir / "model" if job.run_dir is not None and o.save_model else None
+    mask_path = job.run_dir / "masks.safetensors" if job.run_dir is not None and o.save_mask else None
+    calibration_info = calib.manifest() if calib is not None else None
+    tables, docs = prune_run(
+        job.lm, method=o.method, sparsity=o.target_sparsity, nm=o.nm, roles=o.roles, layers=o.layer_list(),
+        regex=o.filter, windows=calib.windows if calib is not None else None, scope=o.scope,
+        allocation=o.allocation, owl_m=o.owl_m, owl_lambda=o.owl_lambda, percdamp=o.percdamp,
+        blocksize=o.blocksize, reconstruction=o.reconstruction, eval_ids=ids,
+        eval_seqlen=state.get("eval_seqlen"), max_windows=o.max_windows,
+        eval_dataset=corpus.name if corpus is not None else "", device=state["compute"], batch_size=o.batch_size,
+        save_dir=save_dir, mask_path=mask_path, restore=o.restore, calibration_info=calibration_info)
+    files: list[str] = []
+    if save_dir is not None:
+        files += [f"model/{p.name}" for p in sorted(save_dir.iterdir()) if p.is_file()]
+        tables["prune_summary"][0].saved_to = "model"   # relative to the run folder (it may be staged)
+    if mask_path is not None:
+        files.append("masks.safetensors")
+    if not o.restore:
+        # The session's model is pruned for good: a later run in this session must load it again.
+        job.session.__dict__.pop("lm", None)
+    return Result(tables=tables, documents=docs, files=files)
+
+
+def prepare_layer_metrics_job(job) -> None:
+    resolve_site(ModuleMap(job.lm.model), job.options.layer)
+
+
+def layer_metrics_job(job):
+    from ..session import Result
+
+    o = job.options
+    tables, data = layer_metrics(job.lm, o.layer, job.calibration.windows, batch_size=o.batch_size,
+                                 max_cells=o.max_cells, bins=o.bins)
+    meta = {k: v for k, v in data["layer_metrics"].items() if not k.endswith("_pooled") and k != "histograms"}
+    return Result(tables=tables, data=data, manifest={"layer_metrics": meta})

@@ -19,13 +19,11 @@ tie (we remove exactly k).
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 
 from .errors import LLMProbeError
-
-_NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+from .specs import parse_nm  # noqa: F401  (re-exported: N:M parsing lives with the torch-free specs)
 
 
 def check_sparsity(sparsity: float, flag: str = "--sparsity") -> float:
@@ -35,20 +33,6 @@ def check_sparsity(sparsity: float, flag: str = "--sparsity") -> float:
     if not 0.0 <= float(sparsity) < 1.0:
         raise LLMProbeError(f"{flag} must be in [0, 1) (the fraction of weights removed); got {sparsity}")
     return float(sparsity)
-
-
-def parse_nm(nm: str | tuple[int, int]) -> tuple[int, int]:
-    """``"2:4"`` -> (2, 4): prune N of every M consecutive inputs; needs 0 < N < M."""
-    if isinstance(nm, tuple):
-        n, m = nm
-    else:
-        match = _NM.match(str(nm))
-        if match is None:
-            raise LLMProbeError(f"--nm must look like N:M (e.g. 2:4); got {nm!r}")
-        n, m = int(match.group(1)), int(match.group(2))
-    if not 0 < n < m:
-        raise LLMProbeError(f"--nm {n}:{m}: need 0 < N < M (N of every M weights are pruned)")
-    return n, m
 
 
 def _smallest_k(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -147,3 +147,11 @@ def prune_figures(tables: dict, docs: dict | None = None) -> list[tuple[str, Fig
         fig.tight_layout()
         figures.append(("prune_perplexity", fig))
     return figures
+
+
+def prune_result_figures(result, options) -> list[tuple[str, Figure]]:
+    return prune_figures(result.tables, result.documents)
+
+
+def layer_metrics_result_figures(result, options) -> list[tuple[str, Figure]]:
+    return layer_metrics_figures(result.tables, result.data)
