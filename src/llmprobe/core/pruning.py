@@ -164,30 +164,33 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: fl
     mask = torch.zeros_like(W, dtype=torch.bool)
     for start in range(0, cols, blocksize):
         end = min(start + blocksize, cols)
-        count = end - start
-        W1 = W[:, start:end].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
+        # The block is held transposed ([columns, rows]) so that each column and each rank-1
+        # update of the later columns touch contiguous memory.
+        W1t = W[:, start:end].t().contiguous()
+        Err1t = torch.zeros_like(W1t)
         Hinv1 = Hinv[start:end, start:end]
         diag1 = torch.diag(Hinv1)
         if nm is None:
-            mask1 = matrix_mask(W1 ** 2 / diag1.unsqueeze(0) ** 2, sparsity)
+            # chosen on the [rows, columns] view so ties go by row-major position, as documented
+            mask1t = matrix_mask((W1t ** 2 / diag1.unsqueeze(1) ** 2).t(), sparsity).t().contiguous()
         else:
-            mask1 = torch.zeros_like(W1, dtype=torch.bool)
-        for i in range(count):
-            w = W1[:, i]
-            d = Hinv1[i, i]
+            mask1t = torch.zeros_like(W1t, dtype=torch.bool)
+        # err = (w - q) / d: w on pruned rows, 0 on kept ones, so one multiply by mask / d.
+        pruned_over_d = mask1t.to(W1t.dtype) / diag1.unsqueeze(1)
+        for i in range(end - start):
             if nm is not None and i % nm[1] == 0:
-                group = W1[:, i:i + nm[1]] ** 2 / diag1[i:i + nm[1]].unsqueeze(0) ** 2
-                mask1[:, i:i + nm[1]] = _smallest_k(group, nm[0])
-            q = w.clone()
-            q[mask1[:, i]] = 0.0
-            Q1[:, i] = q
-            err = (w - q) / d
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        W[:, start:end] = Q1
-        mask[:, start:end] = mask1
-        W[:, end:] -= Err1 @ Hinv[start:end, end:]
+                group = W1t[i:i + nm[1]] ** 2 / diag1[i:i + nm[1]].unsqueeze(1) ** 2
+                mask1t[i:i + nm[1]] = _smallest_k(group.t(), nm[0]).t()
+                pruned_over_d[i:i + nm[1]] = mask1t[i:i + nm[1]].to(W1t.dtype) / diag1[i:i + nm[1]].unsqueeze(1)
+            err = W1t[i] * pruned_over_d[i]
+            # OBS update of this and the block's later columns (column i becomes q up to round-off;
+            # the pruned entries are set to exact zeros below).
+            W1t[i:].addr_(Hinv1[i, i:], err, alpha=-1.0)
+            Err1t[i] = err
+        # Kept entries of column i are untouched by its own step and by every later one, so the
+        # block's result is the updated block with the pruned entries zeroed.
+        W[:, start:end] = W1t.masked_fill(mask1t, 0.0).t()
+        mask[:, start:end] = mask1t.t()
+        W[:, end:].addmm_(Err1t.t(), Hinv[start:end, end:], alpha=-1.0)
     mask[:, dead] = True
     return W, mask
