@@ -10,17 +10,15 @@ import statistics
 import numpy as np
 import pytest
 import torch
+from tiny import tiny_model, tiny_tokenizer
 
 from llmprobe.analyses.perplexity import perplexity
-from llmprobe.analyses.prune import (check_options, layer_metrics, max_pool, outlier_ratio, owl_sparsities,
-                                     prune_run)
+from llmprobe.analyses.prune import check_options, layer_metrics, max_pool, outlier_ratio, owl_sparsities, prune_run
 from llmprobe.core.blockwise import block_output, capture_block_inputs, run_block
 from llmprobe.core.errors import LLMProbeError
 from llmprobe.core.loading import LoadedModel, ModelSource
 from llmprobe.core.modulemap import ModuleMap
-from llmprobe.core.pruning import (magnitude_mask, nm_mask, nm_valid, reconstruction_error, sparsegpt_prune,
-                                   wanda_mask)
-from tiny import tiny_model, tiny_tokenizer
+from llmprobe.core.pruning import magnitude_mask, nm_mask, nm_valid, reconstruction_error, sparsegpt_prune, wanda_mask
 
 torch.set_num_threads(1)
 
@@ -559,8 +557,9 @@ def test_cli_prune_run_writes_a_loadable_model(tiny_dir, wikitext_path, tmp_path
 
 
 def test_python_run_and_layer_metrics(tiny_dir, wikitext_path, tmp_path):
-    import llmprobe
     from conftest import run_cli
+
+    import llmprobe
 
     result = llmprobe.run("prune.run", model=str(tiny_dir), method="magnitude", sparsity=0.25, evaluate=False,
                           save_model=False)

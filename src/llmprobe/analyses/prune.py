@@ -53,8 +53,16 @@ from ..core.errors import LLMProbeError
 from ..core.interventions import Patch, forward_hooks, patched_weights
 from ..core.loading import LoadedModel
 from ..core.modulemap import LinearSite, ModuleMap
-from ..core.pruning import (check_sparsity, magnitude_mask, nm_valid, parse_nm, reconstruction_error,
-                            sparsegpt_prune, wanda_mask, wanda_scores)
+from ..core.pruning import (
+    check_sparsity,
+    magnitude_mask,
+    nm_valid,
+    parse_nm,
+    reconstruction_error,
+    sparsegpt_prune,
+    wanda_mask,
+    wanda_scores,
+)
 from ..core.records import Record
 from .perplexity import PerplexityResult, perplexity
 
