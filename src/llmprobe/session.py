@@ -57,6 +57,7 @@ class Job:
     started_at: str = ""
     state: dict[str, Any] = field(default_factory=dict)
     run_dir: Path | None = None        # the folder this run writes into (None: nothing is written)
+    run: Any = None                    # its RunOutput (None: nothing is written)
 
     # Shortcuts to what the session opens (once) for this job.
     @property
@@ -234,7 +235,7 @@ def execute(session: Session, analysis: registry.Analysis, options: Options, *,
         out = default_out_dir(session.source.slug, analysis.group, analysis.command)
     overwrite = bool(getattr(options, "overwrite", False))
     if out is not None:  # refused before any model is loaded or any file is touched
-        check_out_target(out, overwrite)
+        out = check_out_target(out, overwrite, model_path=session.model_options["model"])
     job = Job(session, options, analysis)
     # Everything the analysis needs is opened (and checked) before the output folder exists.
     for need in analysis.needs:
@@ -256,9 +257,10 @@ def execute(session: Session, analysis: registry.Analysis, options: Options, *,
         result = compute(job)
         result.analysis = analysis.name
         return result
-    with RunOutput(out, command=f"{analysis.group} {analysis.command}", overwrite=overwrite, argv=argv) as run:
+    with RunOutput(out, command=f"{analysis.group} {analysis.command}", overwrite=overwrite, argv=argv,
+                   model_path=session.model_options["model"]) as run:
         run.update(**run_manifest(session, job))
-        job.started_at, job.run_dir = run.manifest["started_at"], run.dir
+        job.started_at, job.run_dir, job.run = run.manifest["started_at"], run.dir, run
         result = compute(job)
         result.analysis, result.out = analysis.name, run.dir
         for table, records in result.tables.items():

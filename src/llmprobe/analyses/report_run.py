@@ -16,7 +16,7 @@ from typing import Any
 
 from .. import registry
 from ..core import progress
-from ..core.errors import LLMProbeError
+from ..core.errors import LLMProbeError, RunFailed
 from ..core.records import Record
 
 # What each profile runs, in order. Names not registered in this version are skipped and named.
@@ -161,6 +161,7 @@ def report_run_job(job):
                                        shared_pass=name in shared.recorded)
             except Exception as exc:  # noqa: BLE001 - one failure must not lose the other results
                 rows[name] = _failed(name, exc, root, time.perf_counter() - stage_started)
+            _adopt(job, analysis)
             done_cost += _COST.get(name, 8)
     table = [rows[n] for n in chosen.analyses]
     table += [ReportRun(analysis=n, folder="", status="skipped", seconds=None, shared_pass=False,
@@ -172,13 +173,21 @@ def report_run_job(job):
         from ..report.build import build_report
 
         built = build_report([root], root, title=options.title)
+        for path in (built.html, built.markdown, *built.figures):
+            job.run.adopt(path.relative_to(root))
         result.data["built"] = built
         result.manifest["report"] = {"html": built.html.name, "markdown": built.markdown.name}
     failed = [row.analysis for row in table if row.status == "failed"]
     if failed:  # the report and the other results are written; the run is not presented as complete
         where = f" (see {result.manifest['report']['html']})" if "report" in result.manifest else ""
-        raise FailedAnalyses(f"{len(failed)} of {len(table)} analyses failed: {', '.join(failed)}{where}")
+        raise RunFailed(f"{len(failed)} of {len(table)} analyses failed: {', '.join(failed)}{where}")
     return result
+
+
+def _adopt(job, analysis) -> None:
+    """The nested result folder becomes part of the report run's listed files."""
+    if job.run is not None and (job.run_dir / f"{analysis.group}-{analysis.command}").is_dir():
+        job.run.adopt(f"{analysis.group}-{analysis.command}")
 
 
 def _folder(path, root) -> str:
@@ -207,7 +216,3 @@ def print_summary(result, options, console) -> None:
             console.print(line)
 
 
-class FailedAnalyses(LLMProbeError):
-    """Some analyses of a report run failed; the others' results and the report were written."""
-
-    exit_code = 1
