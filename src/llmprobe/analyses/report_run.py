@@ -212,7 +212,12 @@ def print_summary(result, options, console) -> None:
           columns=["analysis", "status", "seconds", "shared_pass", "note"], console=console)
     built = result.data.get("built")
     if built is not None:
+        # The pages were written in the run's staging folder; name them where they are now.
+        final = result.out if result.out is not None else built.html.parent
         for line in built.summary():
-            console.print(line)
+            if not line.startswith(("report: ", "markdown: ")):
+                console.print(line, soft_wrap=True, markup=False, highlight=False)
+        console.print(f"markdown: {final / built.markdown.name}", soft_wrap=True, markup=False, highlight=False)
+        console.print(f"report: {final / built.html.name}", soft_wrap=True, markup=False, highlight=False)
 
 
