@@ -68,6 +68,22 @@ def test_reference_matches_plain_loop(model, windows):
     assert readout.kl == 0.0 and readout.top1 == 1.0 and readout.nll_sum == ref.nll_sum
 
 
+def test_reference_logit_modes_agree(model, windows):
+    """Cached unmodified logits, logits recomputed from the head input, and a full unmodified
+    forward per window must give the same readout."""
+    patch = [bitflip.Patch("model.layers.1.mlp.up_proj.weight", "scale", None, 0.5)]
+    results = {}
+    for mode in ("cached", "head", "forward"):
+        ref = Reference(model, windows, logits_cache_mb=256.0 if mode == "cached" else 0.0)
+        if mode == "forward":
+            ref.head_ok, ref.reference_logits_mode = False, "forward"
+        assert ref.reference_logits_mode == mode
+        out = ref.evaluate(lambda: bitflip.patched_weights(model, patch), 1)
+        results[mode] = (out.nll_sum, out.kl, out.top1)
+    assert results["cached"] == results["head"]
+    assert results["forward"] == pytest.approx(results["head"], rel=1e-6)
+
+
 def test_spearman_matches_scipy():
     rng = np.random.default_rng(0)
     x = rng.normal(size=12)

@@ -4,12 +4,15 @@
 window, only what later comparisons need:
 
 * the summed next-token NLL (for Δppl) — a float;
-* the input of the output head (``[L, hidden]``), so the unmodified logits of a window can be
-  *recomputed* by one head matmul whenever a modified run of that window needs them (KL, top-1).
-  Nothing vocabulary-sized is stored, so memory does not grow with the vocabulary; the price is
-  one extra head matmul per window and target. Models whose logits are not just ``head(input)``
-  (logit soft-capping, say) are detected on the first window and then get their unmodified
-  logits from a full unmodified forward instead (correct, twice the cost);
+* the unmodified logits themselves (fp32) only when all windows' logits fit in
+  ``logits_cache_mb`` (default 256 MiB: e.g. 2 windows × 64 tokens of a 49k vocabulary);
+  otherwise the input of the output head (``[L, hidden]``), so the unmodified logits of a window
+  are *recomputed* by one head matmul whenever a modified run of that window needs them (KL,
+  top-1). Either way memory is bounded whatever the vocabulary; recomputing costs one extra head
+  matmul per window and target. Models whose logits are not just ``head(input)`` (logit
+  soft-capping, say) are detected on the first window and then get their unmodified logits from
+  a full unmodified forward instead (correct, twice the cost). ``ReferenceInfo.reference_logits``
+  says which of "cached", "head" or "forward" a run used;
 * optionally (``prefix_cache``), the hidden states entering every decoder block and the extra
   arguments the blocks were called with (rotary embeddings, masks, captured with a forward
   pre-hook), so a modification whose first effect is in block ℓ reruns blocks ℓ…end only.
@@ -149,7 +152,7 @@ class Reference:
     """The unmodified model's results on ``windows``, computed once (see module docstring)."""
 
     def __init__(self, model: torch.nn.Module, windows: Sequence[torch.Tensor], *, prefix_cache: bool = True,
-                 cache_budget_mb: float = 4096.0, keep_block_outputs: bool = False):
+                 cache_budget_mb: float = 4096.0, logits_cache_mb: float = 256.0, keep_block_outputs: bool = False):
         if not windows:
             raise LLMProbeError("no evaluation windows")
         self.model = model
@@ -170,6 +173,9 @@ class Reference:
         self.block_args: list[list[tuple[tuple, dict]]] = []
         self.window_nll: list[float] = []
         self.window_tokens: list[int] = []
+        vocab = int(getattr(model.config, "vocab_size", 0) or 0)
+        self.logits_mb = tokens * vocab * 4 / 2**20
+        self.cached_logits: list[torch.Tensor] | None = [] if 0 < self.logits_mb <= logits_cache_mb else None
         self._run(want_prefix or keep_block_outputs, keep_block_outputs)
         self.nll_sum = float(sum(self.window_nll))
         self.tokens = int(sum(self.window_tokens))
@@ -179,7 +185,11 @@ class Reference:
         self.prefix_ok = want_prefix and self.head_ok and self.norm is not None and self._check_prefix()
         if not self.prefix_ok and not keep_block_outputs:
             self.block_inputs, self.block_args = [], []   # free what cannot be used
-        self.reference_logits_mode = "head" if self.head_ok else "forward"
+        if self.cached_logits is not None:
+            self.head_inputs = [] if not self.prefix_ok else self.head_inputs
+            self.reference_logits_mode = "cached"
+        else:
+            self.reference_logits_mode = "head" if self.head_ok else "forward"
         self._logits0 = None   # only needed by the two checks above
 
     # -- the unmodified run -------------------------------------------------------------------
@@ -225,6 +235,8 @@ class Reference:
             self.window_tokens.append(int(per_token.numel()))
             if head_in:
                 self.head_inputs.append(head_in[0])
+            if self.cached_logits is not None:
+                self.cached_logits.append(logits.detach().float())
             if capture_blocks:
                 self.block_inputs.append(inputs)
                 self.block_args.append(args)
@@ -265,6 +277,8 @@ class Reference:
 
     def reference_logits(self, window: int) -> torch.Tensor:
         with torch.inference_mode():
+            if self.cached_logits is not None:
+                return self.cached_logits[window]
             if self.head_ok:
                 return self.head(self.head_inputs[window])
             return self.model(input_ids=self.windows[window], use_cache=False).logits
