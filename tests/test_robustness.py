@@ -324,3 +324,24 @@ def test_prefix_cache_falls_back_when_over_budget(model, windows):
 def test_ablation_bad_input(model, windows, kwargs, needle):
     with pytest.raises(LLMProbeError, match=needle):
         ablation.ablation(model, windows, **kwargs)
+
+
+# -- figures -----------------------------------------------------------------------------------
+
+
+def test_figures_draw_with_nonfinite_values(model, windows, tmp_path):
+    from llmprobe.plots import robustness as plots
+
+    tables = ablation.ablation(model, windows, granularity="matrix", layers=[0, 2])
+    tables["ablation"][0].delta_ppl = math.inf   # a broken target must still draw
+    figures = plots.ablation_figures(tables)
+    figures += plots.ablation_figures(ablation.ablation(model, windows, granularity="block"))
+    figures += plots.noise_figures(noise.noise_sweep(model, windows, sigmas=[0.1, 0.5], repeats=2))
+    flips = bitflip.bit_flip(model, windows, bits=[31, 30, 22, 0], count=2)
+    flips["bit_flips"][0].delta_loss = math.nan
+    figures += plots.bit_flip_figures(flips)
+    stems = [stem for stem, _ in figures]
+    assert stems == ["ablation_ranking", "ablation_heatmap_delta_ppl", "ablation_heatmap_kl", "block_similarity",
+                     "ablation_ranking", "block_similarity", "noise_curves", "bit_positions"]
+    for stem, figure in figures:
+        figure.savefig(tmp_path / f"{stem}.png")

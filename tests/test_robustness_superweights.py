@@ -70,6 +70,10 @@ def test_planted_super_weights_found_at_exact_coordinates(planted, windows):
     assert {(s.layer, s.spike) for s in spikes if s.iteration == 0} == {(0, True), (1, False), (2, False), (3, True), (4, False)}
     assert max(s.iteration for s in spikes) == 1  # the second search found nothing new
     assert len(tables["massive_activations"]) == 5
+    from llmprobe.plots.robustness import super_weight_figures
+
+    (stem, figure), = super_weight_figures(tables)
+    assert stem == "super_weight_spikes" and len(figure.axes) == 2
 
 
 def test_outlier_control_equals_hand_copy(planted, windows):

@@ -4,7 +4,7 @@
 window, only what later comparisons need:
 
 * the summed next-token NLL (for Δppl) — a float;
-* the unmodified logits themselves (fp32) only when all windows' logits fit in
+* the unmodified log-probabilities (fp32) and their argmax only when all windows' logits fit in
   ``logits_cache_mb`` (default 256 MiB: e.g. 2 windows × 64 tokens of a 49k vocabulary);
   otherwise the input of the output head (``[L, hidden]``), so the unmodified logits of a window
   are *recomputed* by one head matmul whenever a modified run of that window needs them (KL,
@@ -176,6 +176,7 @@ class Reference:
         vocab = int(getattr(model.config, "vocab_size", 0) or 0)
         self.logits_mb = tokens * vocab * 4 / 2**20
         self.cached_logits: list[torch.Tensor] | None = [] if 0 < self.logits_mb <= logits_cache_mb else None
+        self.cached_top1: list[torch.Tensor] = []
         self._run(want_prefix or keep_block_outputs, keep_block_outputs)
         self.nll_sum = float(sum(self.window_nll))
         self.tokens = int(sum(self.window_tokens))
@@ -236,7 +237,10 @@ class Reference:
             if head_in:
                 self.head_inputs.append(head_in[0])
             if self.cached_logits is not None:
-                self.cached_logits.append(logits.detach().float())
+                # kept as log-probabilities with their argmax: what KL and top-1 need, computed once
+                logprobs = torch.log_softmax(logits.detach().float(), dim=-1)
+                self.cached_logits.append(logprobs)
+                self.cached_top1.append(logprobs.argmax(dim=-1))
             if capture_blocks:
                 self.block_inputs.append(inputs)
                 self.block_args.append(args)
@@ -304,8 +308,16 @@ class Reference:
             logits = self.modified_logits(window, modification, start)
             per_token = token_nll(logits, ids)
             loss = float(per_token.double().sum())
-            kl = next_token_kl(reference[:, :-1], logits[:, :-1])
-            agree = top1_agreement(reference[:, :-1], logits[:, :-1])
+            if self.cached_logits is not None:
+                # same formulas as core.readouts.next_token_kl / top1_agreement, with the
+                # reference side (log-probabilities, argmax) computed once in the clean run
+                ref_lp = reference[:, :-1]
+                other_lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+                kl = (ref_lp.exp() * (ref_lp - other_lp)).sum(dim=-1)
+                agree = (self.cached_top1[window][:, :-1] == logits[:, :-1].argmax(dim=-1)).float()
+            else:
+                kl = next_token_kl(reference[:, :-1], logits[:, :-1])
+                agree = top1_agreement(reference[:, :-1], logits[:, :-1])
             nll_sum += loss
             kl_sum += float(kl.double().sum())
             agree_sum += float(agree.double().sum())
