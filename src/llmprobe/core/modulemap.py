@@ -22,17 +22,7 @@ import torch
 from torch import nn
 
 from .errors import LLMProbeError
-
-
-def compile_regex(regex: str | None) -> re.Pattern | None:
-    """A user's --filter pattern, or a one-line LLMProbeError naming what is wrong with it."""
-    if regex is None or regex == "":
-        return None
-    try:
-        return re.compile(regex)
-    except re.error as exc:
-        raise LLMProbeError(f"bad regex '{regex}': {exc}") from None
-
+from .specs import compile_regex  # noqa: F401  (re-exported)
 
 ROLES = (
     "attn.q",

@@ -200,6 +200,15 @@ class RunOutput:
         return path
 
 
+def check_out_target(out_dir: str | Path, overwrite: bool) -> None:
+    """Refuse an output folder before any work is done (the run itself checks again)."""
+    path = Path(out_dir)
+    if path.exists() and not path.is_dir():
+        raise LLMProbeError(f"--out {path} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise LLMProbeError(f"output directory {path} already holds results; pass --overwrite or choose another --out")
+
+
 def default_out_dir(model_slug: str, group: str, command: str) -> Path:
     return Path("results") / model_slug / f"{group}-{command}"
 
