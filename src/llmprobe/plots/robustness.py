@@ -227,3 +227,22 @@ def super_weight_figures(tables: dict) -> Figures:
     if not tables.get("down_proj_spikes"):
         return []
     return [("super_weight_spikes", super_weight_spikes(tables["down_proj_spikes"], tables.get("massive_activations", [])))]
+
+
+# -- figure sets of the registered analyses: (result, options) -> [(stem, figure)] ----------------
+
+
+def ablation_figures_job(result, options) -> Figures:
+    return ablation_figures(result.tables)
+
+
+def noise_figures_job(result, options) -> Figures:
+    return noise_figures(result.tables)
+
+
+def bit_flip_figures_job(result, options) -> Figures:
+    return bit_flip_figures(result.tables)
+
+
+def super_weight_figures_job(result, options) -> Figures:
+    return super_weight_figures(result.tables)
