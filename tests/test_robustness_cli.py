@@ -11,12 +11,21 @@ from tiny import save_tiny_model_dir
 
 torch.set_num_threads(1)
 
-DATA = ["--dataset", str(WIKITEXT), "--seqlen", "24", "--max-windows", "2"]
+DATA = ["--seqlen", "24", "--max-windows", "2"]
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return save_tiny_model_dir("llama", tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    """The first lines of WikiText-2 test: enough for 2 windows, quick to tokenize."""
+    path = tmp_path_factory.mktemp("data") / "small.txt"
+    with open(WIKITEXT, encoding="utf-8") as handle:
+        path.write_text("".join(line for _, line in zip(range(40), handle)), encoding="utf-8")
+    return path
 
 
 def rows(folder, table):
@@ -39,9 +48,9 @@ def rows(folder, table):
                      "--budgets", "1", "--eps", "0.1", "--pgd-steps", "2", "--repeats", "1"],
      ["adversarial_runs", "adversarial_summary"], []),
 ])
-def test_command_runs_and_writes(command, args, tables, figures, model_dir, tmp_path):
+def test_command_runs_and_writes(command, args, tables, figures, model_dir, text_file, tmp_path):
     out = tmp_path / "run"
-    result = run_cli("robustness", command, "--model", model_dir, *DATA, *args, "--out", out, "--quiet",
+    result = run_cli("robustness", command, "--model", model_dir, "--dataset", text_file, *DATA, *args, "--out", out, "--quiet",
                      *([] if command == "adversarial" else ["--plot"]))
     assert result.code == 0, result
     for table in tables:
@@ -59,13 +68,13 @@ def test_command_runs_and_writes(command, args, tables, figures, model_dir, tmp_
         assert float(flip["value_after"]) == -float(flip["value_before"])
 
 
-def test_python_run_matches_the_cli(model_dir, tmp_path):
+def test_python_run_matches_the_cli(model_dir, text_file, tmp_path):
     import llmprobe
 
     by_cli, by_python = tmp_path / "cli", tmp_path / "python"
-    args = ["--sigmas", "0.1", "--repeats", "1", "--roles", "attn.v"]
+    args = ["--sigmas", "0.1", "--repeats", "1", "--roles", "attn.v", "--dataset", text_file]
     assert run_cli("robustness", "noise", "--model", model_dir, *DATA, *args, "--out", by_cli, "--quiet").code == 0
-    llmprobe.run("robustness.noise", model=str(model_dir), dataset=str(WIKITEXT), seqlen=24, max_windows=2,
+    llmprobe.run("robustness.noise", model=str(model_dir), dataset=str(text_file), seqlen=24, max_windows=2,
                  sigmas=[0.1], repeats=1, roles=["attn.v"], out=by_python)
     for table in ("noise_runs", "noise_summary", "reference"):
         assert (by_cli / f"{table}.csv").read_bytes() == (by_python / f"{table}.csv").read_bytes()
@@ -88,8 +97,8 @@ def test_python_run_matches_the_cli(model_dir, tmp_path):
     ("adversarial", ["--rates", "2"], "--rates"),
     ("adversarial", ["--budgets", "0"], "--budgets"),
 ])
-def test_bad_input_is_one_line_and_writes_nothing(command, args, needle, model_dir, tmp_path):
+def test_bad_input_is_one_line_and_writes_nothing(command, args, needle, model_dir, text_file, tmp_path):
     out = tmp_path / "never"
-    result = run_cli("robustness", command, "--model", model_dir, *DATA, *args, "--out", out)
+    result = run_cli("robustness", command, "--model", model_dir, "--dataset", text_file, *DATA, *args, "--out", out)
     assert_one_line_error(result, needle)
     assert not out.exists()
