@@ -673,7 +673,7 @@ def test_cli_dot_and_model_folder_are_refused(cli, model_dir, tmp_path, monkeypa
     assert_one_line_error(cli("weights", "bops", "--model", model_dir, "--out", "", "--overwrite"))
     before = snapshot(model_dir)
     assert_one_line_error(cli("weights", "stats", "--model", model_dir, "--out", model_dir, "--overwrite", "--quiet"),
-                          "did not write")
+                          "model's folder")
     assert snapshot(model_dir) == before and (work / "keep.txt").read_text() == "keep"
 
 

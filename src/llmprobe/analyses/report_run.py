@@ -16,28 +16,34 @@ from typing import Any
 
 from .. import registry
 from ..core import progress
-from ..core.errors import LLMProbeError
+from ..core.errors import LLMProbeError, RunFailed
 from ..core.records import Record
 
 # What each profile runs, in order. Names not registered in this version are skipped and named.
 QUICK = ["model.info", "eval.perplexity", "weights.alpha-hill", "weights.stats", "activations.magnitude",
          "activations.kurtosis", "activations.max-median", "robustness.super-weights"]
+# robustness.ablation gives Block Influence and angular distance from one pass, then the measured
+# effect of skipping each block (standard) or each layer's attn/mlp group (full).
 STANDARD = QUICK + ["model.layers", "weights.spectrum", "activations.quant-error", "activations.norms",
-                    "robustness.block-influence"]
-FULL = STANDARD + ["activations.fisher", "activations.fgmp", "robustness.ablation", "robustness.noise",
-                   "weights.embeddings"]
+                    "robustness.ablation"]
+FULL = STANDARD + ["activations.fisher", "activations.fgmp", "robustness.noise", "weights.embeddings"]
 PROFILES = {"quick": QUICK, "standard": STANDARD, "full": FULL}
 
 # Settings the report uses where an analysis's own default suits a single command better.
 REPORT_DEFAULTS: dict[str, dict[str, Any]] = {
     "activations.quant-error": {"bits": 4},
-    "robustness.ablation": {"granularity": "block"},
+    "robustness.ablation": {"granularity": "block", "max_windows": 4},
+    "robustness.noise": {"max_windows": 4, "repeats": 2},
+    "robustness.super-weights": {"max_windows": 4},
+}
+PROFILE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
+    "full": {"robustness.ablation": {"granularity": "layer"}},
 }
 
 # Rough relative cost of each stage, for the ETA line (seconds on the embedded model, 2 cores).
 _COST = {"eval.perplexity": 25, "weights.alpha-hill": 30, "weights.spectrum": 25, "weights.stats": 10,
          "activations.fisher": 30, "activations.fgmp": 30, "robustness.ablation": 60, "robustness.noise": 60,
-         "weights.embeddings": 40, "robustness.super-weights": 15, "robustness.block-influence": 10}
+         "weights.embeddings": 40, "robustness.super-weights": 15}
 
 
 class ReportRun(Record):
@@ -103,6 +109,7 @@ def analysis_options(name: str, options, overrides: dict[str, Any]) -> dict[str,
     if "plot" in fields:
         values["plot"] = True
     values.update(REPORT_DEFAULTS.get(name, {}))
+    values.update(PROFILE_DEFAULTS.get(options.profile, {}).get(name, {}))
     values.update(overrides)
     return {k: v for k, v in values.items() if k in fields}
 
@@ -161,6 +168,7 @@ def report_run_job(job):
                                        shared_pass=name in shared.recorded)
             except Exception as exc:  # noqa: BLE001 - one failure must not lose the other results
                 rows[name] = _failed(name, exc, root, time.perf_counter() - stage_started)
+            _adopt(job, analysis)
             done_cost += _COST.get(name, 8)
     table = [rows[n] for n in chosen.analyses]
     table += [ReportRun(analysis=n, folder="", status="skipped", seconds=None, shared_pass=False,
@@ -172,13 +180,21 @@ def report_run_job(job):
         from ..report.build import build_report
 
         built = build_report([root], root, title=options.title)
+        for path in (built.html, built.markdown, *built.figures):
+            job.run.adopt(path.relative_to(root))
         result.data["built"] = built
         result.manifest["report"] = {"html": built.html.name, "markdown": built.markdown.name}
     failed = [row.analysis for row in table if row.status == "failed"]
     if failed:  # the report and the other results are written; the run is not presented as complete
         where = f" (see {result.manifest['report']['html']})" if "report" in result.manifest else ""
-        raise FailedAnalyses(f"{len(failed)} of {len(table)} analyses failed: {', '.join(failed)}{where}")
+        raise RunFailed(f"{len(failed)} of {len(table)} analyses failed: {', '.join(failed)}{where}")
     return result
+
+
+def _adopt(job, analysis) -> None:
+    """The nested result folder becomes part of the report run's listed files."""
+    if job.run is not None and (job.run_dir / f"{analysis.group}-{analysis.command}").is_dir():
+        job.run.adopt(f"{analysis.group}-{analysis.command}")
 
 
 def _folder(path, root) -> str:
@@ -203,11 +219,12 @@ def print_summary(result, options, console) -> None:
           columns=["analysis", "status", "seconds", "shared_pass", "note"], console=console)
     built = result.data.get("built")
     if built is not None:
+        # The pages were written in the run's staging folder; name them where they are now.
+        final = result.out if result.out is not None else built.html.parent
         for line in built.summary():
-            console.print(line)
+            if not line.startswith(("report: ", "markdown: ")):
+                console.print(line, soft_wrap=True, markup=False, highlight=False)
+        console.print(f"markdown: {final / built.markdown.name}", soft_wrap=True, markup=False, highlight=False)
+        console.print(f"report: {final / built.html.name}", soft_wrap=True, markup=False, highlight=False)
 
 
-class FailedAnalyses(LLMProbeError):
-    """Some analyses of a report run failed; the others' results and the report were written."""
-
-    exit_code = 1

@@ -18,7 +18,7 @@ import typer
 
 from .. import __version__, registry
 from ..core import progress
-from ..core.errors import LLMProbeError
+from ..core.errors import LLMProbeError, RunFailed
 from ..options import fields_in_panels, is_argument, is_switch
 
 # Typer vendors click (typer._click) from 0.2x on; older Typer raises plain click's classes.
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     command = _click_command()
     try:
         result = command.main(args=argv, prog_name="llmprobe", standalone_mode=False)
-    except LLMProbeError as exc:
+    except (LLMProbeError, RunFailed) as exc:
         print(f"llmprobe: error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except typer.Exit as exc:

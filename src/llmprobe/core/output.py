@@ -599,6 +599,15 @@ class RunOutput:
             self.files.append(rel)
             self._write_manifest()
 
+    def adopt(self, relative: str | Path) -> None:
+        """List files written into this run's folder by someone else on the run's behalf (the
+        result folders a report run nests, the pages a report build writes), so the folder is
+        still recognised as wholly llmprobe's and ``--overwrite`` may replace it later."""
+        root = self.dir / relative
+        paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+        for path in paths:
+            self._register(path)
+
     def write_table(self, name: str, records: Sequence[Record], *, json_too: bool = True) -> Path:
         """Write ``name.csv`` (and ``name.json``) from records, atomically."""
         frame = records_to_frame(records)
