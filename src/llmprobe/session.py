@@ -39,8 +39,6 @@ class Result:
     csv_only: tuple[str, ...] = ()                            # tables written without a JSON twin
     notes: list[str] = field(default_factory=list)            # lines shown after the summary
     data: dict[str, Any] = field(default_factory=dict)        # in-memory results that are not written
-    files: list[str] = field(default_factory=list)            # files the compute function wrote itself
-                                                              # under job.run_dir (relative), listed in the manifest
     analysis: str = ""
     out: Path | None = None
 
@@ -266,8 +264,6 @@ def execute(session: Session, analysis: registry.Analysis, options: Options, *,
             run.write_table(table, records, json_too=table not in result.csv_only)
         for name, document in result.documents.items():
             run.write_json(name, document)
-        for rel in result.files:
-            run._register(run.dir / rel)
         if getattr(options, "plot", False) and analysis.figures:
             write_figures(run, registry.resolve(analysis.figures)(result, options), options.plot_format)
         if result.manifest:

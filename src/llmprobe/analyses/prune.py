@@ -719,16 +719,15 @@ def run_job(job):
         eval_seqlen=state.get("eval_seqlen"), max_windows=o.max_windows,
         eval_dataset=corpus.name if corpus is not None else "", device=state["compute"], batch_size=o.batch_size,
         save_dir=save_dir, mask_path=mask_path, restore=o.restore, calibration_info=calibration_info)
-    files: list[str] = []
     if save_dir is not None:
-        files += [f"model/{p.name}" for p in sorted(save_dir.iterdir()) if p.is_file()]
+        job.run.adopt("model")   # listed in the manifest: --overwrite may replace the folder later
         tables["prune_summary"][0].saved_to = "model"   # relative to the run folder (it may be staged)
     if mask_path is not None:
-        files.append("masks.safetensors")
+        job.run.adopt("masks.safetensors")
     if not o.restore:
         # The session's model is pruned for good: a later run in this session must load it again.
         job.session.__dict__.pop("lm", None)
-    return Result(tables=tables, documents=docs, files=files)
+    return Result(tables=tables, documents=docs)
 
 
 def prepare_layer_metrics_job(job) -> None:
