@@ -9,7 +9,7 @@ from typing import Optional
 from pydantic import field_validator
 
 from ..core.errors import LLMProbeError
-from ..options import DATA, EvaluationOptions, FigureOptions, Options, OutputOptions, RuntimeOptions, SelectionOptions, option
+from ..options import DATA, EvaluationOptions, FigureOptions, OutputOptions, RuntimeOptions, SelectionOptions, option
 from ..registry import Analysis, Show, register, register_group
 
 register_group("robustness",
