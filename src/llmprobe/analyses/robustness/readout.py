@@ -38,7 +38,7 @@ import torch
 from ...core.data import eval_windows, load_corpus, tokenize_corpus
 from ...core.errors import LLMProbeError
 from ...core.interventions import forward_hooks
-from ...core.modulemap import ModuleMap, _output_head
+from ...core.modulemap import ModuleMap, output_head
 from ...core.readouts import next_token_kl, token_nll, top1_agreement
 from ...core.records import Record
 
@@ -159,7 +159,7 @@ class Reference:
         self.mmap = ModuleMap(model)
         self.device = next(model.parameters()).device
         self.windows = [w.reshape(1, -1).to(self.device) for w in windows]
-        self.head = _output_head(model)
+        self.head = output_head(model)
         self.norm = _final_norm(model, self.mmap)
         blocks = self.mmap.blocks
         hidden = int(getattr(model.config, "hidden_size", 0) or 0)
