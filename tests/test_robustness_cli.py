@@ -46,12 +46,12 @@ def rows(folder, table):
                                              "massive_activations"], ["super_weight_spikes"]),
     ("adversarial", ["--text", "The tower is 324 metres tall, the tallest in Paris.", "--attacks", "random,hotflip,pgd",
                      "--budgets", "1", "--eps", "0.1", "--pgd-steps", "2", "--repeats", "1"],
-     ["adversarial_runs", "adversarial_summary"], []),
+     ["adversarial_runs", "adversarial_summary"], ["adversarial"]),
 ])
 def test_command_runs_and_writes(command, args, tables, figures, model_dir, text_file, tmp_path):
     out = tmp_path / "run"
-    result = run_cli("robustness", command, "--model", model_dir, "--dataset", text_file, *DATA, *args, "--out", out, "--quiet",
-                     *([] if command == "adversarial" else ["--plot"]))
+    result = run_cli("robustness", command, "--model", model_dir, "--dataset", text_file, *DATA, *args, "--out", out,
+                     "--quiet", "--plot")
     assert result.code == 0, result
     for table in tables:
         assert (out / f"{table}.csv").is_file(), table

@@ -135,3 +135,15 @@ def test_nothing_found_on_a_plain_model(windows):
 def test_super_weights_bad_input(planted, windows, kwargs, needle):
     with pytest.raises(LLMProbeError, match=needle):
         sw.super_weights(planted, windows, tokenizer=tiny_tokenizer(), **kwargs)
+
+
+def test_detection_on_windows_takes_the_max_over_windows(planted, windows):
+    """Detecting on several windows: each layer's peak is the largest over all of them."""
+    sites = sw.down_sites(sw.ModuleMap(planted))
+    together, _ = sw.scan(planted, windows, sites)
+    for site in sites:
+        alone = [sw.scan(planted, [w], [site])[0][site.name] for w in windows]
+        assert together[site.name][0].magnitude == max(a[0].magnitude for a in alone)
+        assert together[site.name][1].magnitude == max(a[1].magnitude for a in alone)
+    tables = sw.super_weights(planted, windows, detect_windows=torch.stack(windows), tokenizer=tiny_tokenizer())
+    assert len(tables["down_proj_spikes"]) >= 5

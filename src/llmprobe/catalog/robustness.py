@@ -9,7 +9,7 @@ from typing import Optional
 from pydantic import field_validator
 
 from ..core.errors import LLMProbeError
-from ..options import DATA, EvaluationOptions, FigureOptions, Options, OutputOptions, RuntimeOptions, SelectionOptions, option
+from ..options import DATA, EvaluationOptions, FigureOptions, OutputOptions, RuntimeOptions, SelectionOptions, option
 from ..registry import Analysis, Show, register, register_group
 
 register_group("robustness",
@@ -202,7 +202,7 @@ register(Analysis(
 # -- adversarial -----------------------------------------------------------------------------
 
 
-class AdversarialOptions(RuntimeOptions, RobustnessData, OutputOptions):
+class AdversarialOptions(RuntimeOptions, RobustnessData, OutputOptions, FigureOptions):
     text: Optional[str] = option(None, "--text", help="Attack this text (default: the evaluation windows).")
     attacks: list[str] = option(["random", "hotflip", "chars", "fgsm", "pgd"], "--attacks",
                                 choices=("random", "hotflip", "chars", "fgsm", "pgd"),
@@ -238,6 +238,7 @@ register(Analysis(
     needs=("model",),   # the evaluation windows are opened by the job, only without --text
     prepare=f"{JOBS}:prepare_job",
     compute=f"{JOBS}:adversarial_job",
+    figures=f"{PLOTS}:adversarial_figures_job",
     summary=(Show("adversarial_summary", "attacks",
                   ("attack", "budget", "unit", "runs", "delta_loss_mean", "kl_mean", "kl_final_mean",
                    "top1_mean", "top1_final_mean", "nonfinite_runs")),),

@@ -246,3 +246,29 @@ def bit_flip_figures_job(result, options) -> Figures:
 
 def super_weight_figures_job(result, options) -> Figures:
     return super_weight_figures(result.tables)
+
+
+def adversarial_chart(summary: Sequence) -> Figure:
+    """Δloss (mean ± std) and last-position greedy agreement per attack against its budget; one
+    panel per budget unit, since token counts, character rates and ε do not share an axis."""
+    units = list(dict.fromkeys(s.unit for s in summary))
+    fig = Figure(figsize=(4.2 * len(units), 4))
+    for i, unit in enumerate(units, 1):
+        ax = fig.add_subplot(1, len(units), i)
+        for attack in dict.fromkeys(s.attack for s in summary if s.unit == unit):
+            rows = sorted((s for s in summary if s.attack == attack), key=lambda s: s.budget)
+            xs = [s.budget for s in rows]
+            mean = np.array([s.delta_loss_mean if _finite(s.delta_loss_mean) else np.nan for s in rows])
+            std = np.array([s.delta_loss_std if _finite(s.delta_loss_std) else 0.0 for s in rows])
+            ax.errorbar(xs, mean, yerr=std, marker="o", markersize=4, capsize=3, label=attack)
+        ax.set_xlabel(unit)
+        ax.set_ylabel("Δloss (nats)")
+        ax.legend(fontsize=8)
+    fig.suptitle("Adversarial inputs: Δ next-token loss per attack and budget", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def adversarial_figures_job(result, options) -> Figures:
+    summary = result.tables.get("adversarial_summary", [])
+    return [("adversarial", adversarial_chart(summary))] if summary else []

@@ -218,10 +218,10 @@ def block_similarity(model: torch.nn.Module, windows: Sequence[torch.Tensor], *,
     for ids in windows:
         states: list[torch.Tensor | None] = [None] * (n + 1)
 
-        def pre(_m, args, kwargs, index):
+        def pre(_m, args, kwargs, index, states=states):
             states[index] = (args[0] if args else kwargs["hidden_states"]).detach()
 
-        def post(_m, _args, _kwargs, output, index):
+        def post(_m, _args, _kwargs, output, index, states=states):
             if index == n - 1:
                 states[n] = _block_output(output).detach()
 

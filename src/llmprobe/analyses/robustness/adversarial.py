@@ -14,7 +14,8 @@ window) and compares the model on the attacked input with the model on the clean
   each, projected back onto the ball;
 * ``chars``: character edits of the decoded text at rate ``budget`` (each character, with that
   probability, gets one of insert / delete / substitute / transpose-with-next, drawn uniformly;
-  inserted and substituted characters are lower-case letters), then re-tokenised.
+  inserted and substituted characters are lower-case letters), then re-tokenised (a leading BOS
+  of the clean sequence is kept out of the edits and put back).
 
 Loss for the token and embedding attacks is the shifted next-token NLL of the *clean* tokens
 given the attacked input (the text the model should still predict), averaged over the positions;
@@ -243,9 +244,14 @@ def adversarial(lm: LoadedModel, sequences: Sequence[torch.Tensor], *, attacks: 
                         changed = ids.shape[1]
                         logits = _infer(model, embeds=embeds)
                     else:
-                        text = tokenizer.decode(sequence.tolist())
+                        bos = getattr(tokenizer, "bos_token_id", None)
+                        keep_bos = bos is not None and int(sequence[0]) == bos
+                        text = tokenizer.decode(sequence[1:].tolist() if keep_bos else sequence.tolist())
                         edited, changed = char_edits(text, float(budget), random.Random(run_seed * 1000003 + index))
-                        own_ids = tokenizer(edited, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
+                        own_ids = tokenizer(edited, return_tensors="pt", add_special_tokens=False).input_ids
+                        if keep_bos:  # the clean sequence began with BOS: so does the edited one
+                            own_ids = torch.cat([torch.tensor([[bos]]), own_ids], dim=1)
+                        own_ids = own_ids.to(device)
                         if own_ids.shape[1] < 2:
                             raise LLMProbeError("character edits left fewer than 2 tokens; use a longer --text")
                         logits = _infer(model, ids=own_ids)

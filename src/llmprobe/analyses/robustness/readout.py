@@ -38,7 +38,7 @@ import torch
 from ...core.data import eval_windows, load_corpus, tokenize_corpus
 from ...core.errors import LLMProbeError
 from ...core.interventions import forward_hooks
-from ...core.modulemap import ModuleMap, _output_head
+from ...core.modulemap import ModuleMap, output_head
 from ...core.readouts import next_token_kl, token_nll, top1_agreement
 from ...core.records import Record
 
@@ -159,7 +159,7 @@ class Reference:
         self.mmap = ModuleMap(model)
         self.device = next(model.parameters()).device
         self.windows = [w.reshape(1, -1).to(self.device) for w in windows]
-        self.head = _output_head(model)
+        self.head = output_head(model)
         self.norm = _final_norm(model, self.mmap)
         blocks = self.mmap.blocks
         hidden = int(getattr(model.config, "hidden_size", 0) or 0)
@@ -207,14 +207,14 @@ class Reference:
             hooks: list[tuple[str, Callable]] = []
             pre_hooks: list[tuple[str, Callable]] = []
 
-            def head_pre(_m, a, kw):
+            def head_pre(_m, a, kw, head_in=head_in):
                 head_in.append((a[0] if a else kw["input"]).detach())
 
             if self.head is not None:
                 pre_hooks.append((names[id(self.head)], head_pre))
             if capture_blocks:
                 for index, block in enumerate(blocks):
-                    def block_pre(_m, a, kw, index=index):
+                    def block_pre(_m, a, kw, index=index, inputs=inputs, args=args):
                         if a:
                             inputs[index], rest, kwargs = a[0].detach(), tuple(a[1:]), dict(kw)
                         else:
@@ -222,7 +222,7 @@ class Reference:
                             inputs[index], rest = kwargs.pop("hidden_states").detach(), ()
                         args[index] = (rest, kwargs)
 
-                    def block_post(_m, _a, _kw, out, index=index):
+                    def block_post(_m, _a, _kw, out, index=index, outputs=outputs):
                         outputs[index] = _block_output(out).detach()
 
                     pre_hooks.append((names[id(block)], block_pre))
