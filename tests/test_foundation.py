@@ -341,7 +341,8 @@ def test_perplexity_embedded_matches_plain_hf_loop(cli, tmp_path, embedded, wiki
     assert row["tokens"] == count
     manifest = json.loads((tmp_path / "ppl" / "manifest.json").read_text())
     assert manifest["status"] == "complete"
-    assert manifest["dataset"]["sha256"] and manifest["model"]["gguf_sha256"]
+    assert manifest["dataset"]["file_sha256"] and manifest["dataset"]["text_sha256"] and manifest["model"]["gguf_sha256"]
+    assert manifest["windows"]["window_count"] == 3 and manifest["windows"]["token_ids_sha256"]
     assert manifest["seqlen"] == 256 and manifest["model"]["dtype"] == "float32"
 
 
