@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 import torch
 
+from . import distributed
 from .errors import LLMProbeError
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
@@ -427,6 +428,7 @@ def load_model(model: ModelSource | str | None = None, *, dtype: str = "auto", d
     kwargs = {**source.hf_kwargs(), "dtype": torch_dtype, "weights_only": True}
     if device_map == "auto":
         kwargs["device_map"] = "auto"
+        kwargs.update(distributed.device_map_limits())  # under torchrun: this rank's GPUs only
     with _translate_errors(source, "model weights"):
         try:
             net = AutoModelForCausalLM.from_pretrained(source.pretrained_dir(), config=config, **kwargs)

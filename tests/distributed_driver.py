@@ -1,0 +1,70 @@
+"""Runs a set of analyses in one Session, each into OUT/<name>; launched by tests/test_distributed.py
+under ``torchrun --nproc-per-node 2`` (and usable in one process for the reference).
+
+    python tests/distributed_driver.py MODEL_DIR DATA_FILE OUT [--fail-rank R] [--only a,b]
+
+``--fail-rank R``: rank R's forward pass raises (a rank that fails mid-run).
+``--die-rank R``: rank R exits abruptly (os._exit) in its forward pass, with no Python error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+torch.set_num_threads(1)
+
+from llmprobe import Session  # noqa: E402
+from llmprobe.core import distributed  # noqa: E402
+
+
+def analyses(model: str, data: str) -> dict[str, dict]:
+    calibration = {"dataset": data, "nsamples": 5, "seqlen": 24, "seed": 3, "dtype": "fp32", "device": "cpu"}
+    return {
+        "activations.kurtosis": dict(calibration),
+        "activations.magnitude": {**calibration, "top_k": 4},
+        "activations.quant-error": {**calibration, "bits": 4},
+        "activations.norms": dict(calibration),
+        "activations.top-token-error": {**calibration, "top_k": 3},
+        "weights.alpha-hill": {"plot": False, "device": "cpu"},
+        "weights.stats": {},
+        "weights.spectrum": {"device": "cpu"},
+        "eval.perplexity": {"dataset": data, "seqlen": 24, "max_windows": 7, "batch_size": 2,
+                            "dtype": "fp32", "device": "cpu"},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model")
+    parser.add_argument("data")
+    parser.add_argument("out")
+    parser.add_argument("--fail-rank", type=int, default=None)
+    parser.add_argument("--die-rank", type=int, default=None)
+    parser.add_argument("--only", default=None)
+    args = parser.parse_args()
+    distributed.init_from_env()
+    todo = analyses(args.model, args.data)
+    if args.only:
+        todo = {name: todo[name] for name in args.only.split(",")}
+    with Session(args.model, dtype="fp32", device="cpu") as session:
+        if distributed.rank() in (args.fail_rank, args.die_rank):
+            die = distributed.rank() == args.die_rank
+
+            def broken(module, inputs):
+                if die:
+                    os._exit(7)
+                raise RuntimeError(f"injected failure on rank {distributed.rank()}")
+
+            session.lm.model.register_forward_pre_hook(broken)
+        for name, values in todo.items():
+            values = {k: v for k, v in values.items() if k not in ("dtype", "device") or name.startswith("weights")}
+            session.run(name, out=os.path.join(args.out, name), **values)
+    print(f"rank {distributed.rank()} of {distributed.world_size()} done", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
