@@ -37,6 +37,37 @@ def analyses(model: str, data: str) -> dict[str, dict]:
     }
 
 
+def guard_writes() -> None:
+    """Ranks other than 0 must write nothing: make every writer of the package fail there."""
+    from llmprobe.core import output
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"rank {distributed.rank()} tried to write")
+
+    output.atomic_write_bytes = refuse
+    output.RunOutput.__init__ = refuse
+
+
+def run_all(model: str, data: str, out: str, only: str | None = None, fail_rank: int | None = None,
+            die_rank: int | None = None) -> None:
+    todo = analyses(model, data)
+    if only:
+        todo = {name: todo[name] for name in only.split(",")}
+    with Session(model, dtype="fp32", device="cpu") as session:
+        if distributed.rank() in (fail_rank, die_rank):
+            die = distributed.rank() == die_rank
+
+            def broken(module, inputs):
+                if die:
+                    os._exit(7)
+                raise RuntimeError(f"injected failure on rank {distributed.rank()}")
+
+            session.lm.model.register_forward_pre_hook(broken)
+        for name, values in todo.items():
+            values = {k: v for k, v in values.items() if k not in ("dtype", "device") or name.startswith("weights")}
+            session.run(name, out=os.path.join(out, name), **values)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("model")
@@ -47,22 +78,9 @@ def main() -> None:
     parser.add_argument("--only", default=None)
     args = parser.parse_args()
     distributed.init_from_env()
-    todo = analyses(args.model, args.data)
-    if args.only:
-        todo = {name: todo[name] for name in args.only.split(",")}
-    with Session(args.model, dtype="fp32", device="cpu") as session:
-        if distributed.rank() in (args.fail_rank, args.die_rank):
-            die = distributed.rank() == args.die_rank
-
-            def broken(module, inputs):
-                if die:
-                    os._exit(7)
-                raise RuntimeError(f"injected failure on rank {distributed.rank()}")
-
-            session.lm.model.register_forward_pre_hook(broken)
-        for name, values in todo.items():
-            values = {k: v for k, v in values.items() if k not in ("dtype", "device") or name.startswith("weights")}
-            session.run(name, out=os.path.join(args.out, name), **values)
+    if not distributed.is_main():
+        guard_writes()
+    run_all(args.model, args.data, args.out, args.only, args.fail_rank, args.die_rank)
     print(f"rank {distributed.rank()} of {distributed.world_size()} done", file=sys.stderr)
 
 

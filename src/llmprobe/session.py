@@ -233,6 +233,10 @@ def execute(session: Session, analysis: registry.Analysis, options: Options, *,
         progress.silence_libraries()
     if getattr(options, "log_level", None):
         progress.configure_logging(options.log_level, getattr(options, "quiet", False))
+    if not distributed.is_main():  # rank 0 speaks for the run
+        import logging
+
+        logging.getLogger("llmprobe").setLevel(logging.WARNING)
     out = out_dir_for(session, analysis, options)
     if out is None and default_out and analysis.writes_by_default:
         out = default_out_dir(session.source.slug, analysis.group, analysis.command)

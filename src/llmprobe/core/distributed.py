@@ -228,7 +228,11 @@ def exchange(payload: Any, *, failed: BaseException | None = None) -> list[Any]:
     dist = _dist()
     message = None if failed is None else (_one_line(failed), getattr(failed, "exit_code", 1))
     gathered: list[Any] = [None] * world_size()
-    dist.all_gather_object(gathered, (message, None if failed is not None else payload), group=_object_group())
+    try:
+        dist.all_gather_object(gathered, (message, None if failed is not None else payload), group=_object_group())
+    except RuntimeError as exc:  # a rank died without a word (killed, out of memory): the link broke
+        _STATE["failed"] = f"another rank stopped (connection lost: {_one_line(exc)[:200]})"
+        raise RankFailed(_STATE["failed"]) from (failed or exc)
     broken = [(r, m) for r, (m, _) in enumerate(gathered) if m is not None]
     if broken:
         who, (what, code) = broken[0]
