@@ -56,6 +56,8 @@ class Job:
     analysis: registry.Analysis
     started_at: str = ""
     state: dict[str, Any] = field(default_factory=dict)
+    run_dir: Path | None = None        # the folder this run writes into (None: nothing is written)
+    run: Any = None                    # its RunOutput (None: nothing is written)
 
     # Shortcuts to what the session opens (once) for this job.
     @property
@@ -242,7 +244,9 @@ def execute(session: Session, analysis: registry.Analysis, options: Options, *,
         out = default_out_dir(session.source.slug, analysis.group, analysis.command)
     overwrite = bool(getattr(options, "overwrite", False))
     if out is not None:  # refused before any model is loaded or any file is touched (rank 0 decides)
-        distributed.settle(lambda: check_out_target(out, overwrite) if distributed.is_main() else None)
+        target = out
+        out = distributed.settle(lambda: check_out_target(target, overwrite, model_path=session.model_options["model"])
+                                 if distributed.is_main() else target)
     job = Job(session, options, analysis)
     distributed.settle(_open_needs, session, analysis, job)
     world = distributed.facts()  # {} in one process
@@ -252,9 +256,11 @@ def execute(session: Session, analysis: registry.Analysis, options: Options, *,
         result = distributed.settle(compute, job)
         result.analysis = analysis.name
         return result
-    with RunOutput(out, command=f"{analysis.group} {analysis.command}", overwrite=overwrite, argv=argv) as run:
+    with RunOutput(out, command=f"{analysis.group} {analysis.command}", overwrite=overwrite, argv=argv,
+                   model_path=session.model_options["model"]) as run:
         run.update(**run_manifest(session, job), **({"distributed": world} if world else {}))
         job.started_at = distributed.broadcast(run.manifest["started_at"])
+        job.run_dir, job.run = run.dir, run
         result = distributed.settle(compute, job)
         result.analysis, result.out = analysis.name, run.dir
         for table, records in result.tables.items():

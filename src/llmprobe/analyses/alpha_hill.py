@@ -69,6 +69,7 @@ import numpy as np
 import torch
 
 from ..core import distributed
+from ..core.devices import DTYPES
 from ..core.errors import LLMProbeError
 from ..core.modulemap import ROLES
 from ..core.progress import track
@@ -91,7 +92,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_PRECISIONS = ("fp32", "fp16", "bf16")
 FITS = ("hill", "powerlaw")
-LOAD_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+LOAD_DTYPES = DTYPES
 SPECTRUM_DTYPES = {"fp64": torch.float64, "fp32": torch.float32}
 SPECTRUM_DTYPE_CHOICES = ("auto", *SPECTRUM_DTYPES)
 # Roles whose weights are not decoder-block matrices; left out unless a regex names them.
@@ -222,9 +223,9 @@ def check_load_dtype(load_dtype: str) -> torch.dtype:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    from ..core.loading import resolve_device as resolve
+    from ..core.devices import resolve_device as resolve
 
-    return device if isinstance(device, torch.device) else resolve(device)
+    return resolve(device)
 
 
 # --------------------------------------------------------------------------- selection
