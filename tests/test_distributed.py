@@ -268,6 +268,26 @@ def test_a_failing_rank_fails_every_rank(tmp_path):
         assert r["exit_code"] == 1
 
 
+def _scenario_refusal(rank):
+    from llmprobe.core.errors import LLMProbeError
+
+    def check():
+        if rank == 0:
+            raise LLMProbeError("--out runs/x already holds results")
+
+    try:
+        distributed.settle(check)
+    except distributed.RankRefused as exc:  # bad input: exit 2, and the disk is left as it was
+        return {"error": "RankRefused", "message": str(exc), "exit_code": exc.exit_code}
+    return {"error": None}
+
+
+def test_bad_input_on_one_rank_is_refused_everywhere(tmp_path):
+    for r in _run_world(_scenario_refusal, tmp_path):
+        assert r == {"error": "RankRefused", "message": "rank 0 of 2 failed: --out runs/x already holds results",
+                     "exit_code": 2}
+
+
 # -- whole analyses under torchrun / accelerate launch (slow: each launch imports torch twice) ----
 
 

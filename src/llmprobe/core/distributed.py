@@ -14,7 +14,8 @@ WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and offers three kinds of help
 * **failing together** — every collective goes through :func:`exchange`, which also carries a
   "this rank failed" marker; a rank that fails sends it at its next exchange (at the latest in
   :func:`settle`, around each analysis), and every rank then raises :class:`RankFailed` naming
-  the failing rank. No rank waits forever for one that died with a Python error.
+  the failing rank (:class:`RankRefused` when it refused bad input). No rank waits forever for
+  one that died with a Python error.
 
 Without a launcher (or with a world of one process) every helper is the identity and nothing
 here imports or initialises ``torch.distributed``: single-process runs are unchanged.
@@ -33,7 +34,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from .errors import LLMProbeError
+from .errors import LLMProbeError, RunFailed
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -41,13 +42,18 @@ R = TypeVar("R")
 _STATE: dict[str, Any] = {"group": None, "failed": None, "owned": False}
 
 
-class RankFailed(LLMProbeError):
-    """One rank of a distributed run failed; every rank raises this, naming it. The exit code is
-    the failing rank's: 2 for bad input (an :class:`LLMProbeError`), 1 for anything else."""
+class RankFailed(RunFailed):
+    """One rank of a distributed run failed; every rank raises this, naming it (exit code 1; the
+    run folder keeps its ``incomplete`` manifest)."""
 
-    def __init__(self, message: str, exit_code: int = 1):
-        super().__init__(message)
-        self.exit_code = exit_code
+
+class RankRefused(LLMProbeError):
+    """One rank refused bad input (an :class:`LLMProbeError`): every rank raises this (exit code 2;
+    like bad input in one process, it leaves the disk as it was)."""
+
+
+def _failure(message: str, exit_code: int) -> Exception:
+    return RankRefused(message) if exit_code == LLMProbeError.exit_code else RankFailed(message)
 
 
 # -- the world ---------------------------------------------------------------------------------
@@ -170,6 +176,7 @@ def init_from_env() -> bool:
 
 def _terminated(signum, frame):  # pragma: no cover - needs a launcher killing us
     _STATE["failed"] = "stopped by the launcher (another rank failed)"
+    _STATE["exit_code"] = 1
     raise RankFailed(_STATE["failed"])
 
 
@@ -224,7 +231,7 @@ def exchange(payload: Any, *, failed: BaseException | None = None) -> list[Any]:
             raise failed
         return [payload]
     if _STATE["failed"] is not None:  # the world already failed: no further collectives
-        raise RankFailed(_STATE["failed"], _STATE.get("exit_code", 1)) from failed
+        raise _failure(_STATE["failed"], _STATE.get("exit_code", 1)) from failed
     dist = _dist()
     message = None if failed is None else (_one_line(failed), getattr(failed, "exit_code", 1))
     gathered: list[Any] = [None] * world_size()
@@ -232,13 +239,14 @@ def exchange(payload: Any, *, failed: BaseException | None = None) -> list[Any]:
         dist.all_gather_object(gathered, (message, None if failed is not None else payload), group=_object_group())
     except RuntimeError as exc:  # a rank died without a word (killed, out of memory): the link broke
         _STATE["failed"] = f"another rank stopped (connection lost: {_one_line(exc)[:200]})"
+        _STATE["exit_code"] = 1
         raise RankFailed(_STATE["failed"]) from (failed or exc)
     broken = [(r, m) for r, (m, _) in enumerate(gathered) if m is not None]
     if broken:
         who, (what, code) = broken[0]
         _STATE["failed"] = f"rank {who} of {world_size()} failed: {what}"
         _STATE["exit_code"] = code
-        raise RankFailed(_STATE["failed"], code) from failed
+        raise _failure(_STATE["failed"], code) from failed
     return [p for _, p in gathered]
 
 
@@ -250,7 +258,7 @@ def settle(fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
     try:
         value = fn(*args, **kwargs)
     except Exception as exc:
-        if isinstance(exc, RankFailed) and _STATE["failed"] is not None:
+        if isinstance(exc, (RankFailed, RankRefused)) and _STATE["failed"] is not None:
             raise
         exchange(None, failed=exc)
         raise  # pragma: no cover - exchange always raises on failure
