@@ -15,10 +15,8 @@ import sys
 
 import torch
 
-torch.set_num_threads(1)
-
-from llmprobe import Session  # noqa: E402
-from llmprobe.core import distributed  # noqa: E402
+from llmprobe import Session
+from llmprobe.core import distributed
 
 
 def analyses(model: str, data: str) -> dict[str, dict]:
@@ -77,6 +75,7 @@ def main() -> None:
     parser.add_argument("--die-rank", type=int, default=None)
     parser.add_argument("--only", default=None)
     args = parser.parse_args()
+    torch.set_num_threads(1)  # one thread per rank (the test compares with a one-thread run)
     distributed.init_from_env()
     if not distributed.is_main():
         guard_writes()
