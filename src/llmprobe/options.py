@@ -102,6 +102,10 @@ def check_constraints(name: str, field, value: Any) -> None:
         compile_regex(value, flag)
     elif check == "layers" or (check == "layers_or_all" and str(value).strip().lower() != "all"):
         parse_layers(value, flag)
+    elif check == "device":
+        from .core.devices import resolve_device  # imports torch: only when a command runs
+
+        resolve_device(value, flag=flag)
 
 
 class Options(BaseModel):
@@ -163,7 +167,7 @@ DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")
 class RuntimeOptions(ModelOptions):
     dtype: str = option("auto", "--dtype", panel=MODEL, choices=DTYPE_CHOICES,
                         help="auto|fp32|fp16|bf16 (auto: fp32 on CPU).")
-    device: str = option("auto", "--device", panel=MODEL, help="auto|cpu|cuda|cuda:N.")
+    device: str = option("auto", "--device", panel=MODEL, check="device", help="auto|cpu|cuda|cuda:N.")
 
 
 class DeviceMapOptions(RuntimeOptions):

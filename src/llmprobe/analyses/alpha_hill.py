@@ -69,7 +69,7 @@ import numpy as np
 import torch
 
 from ..core import distributed
-from ..core.devices import DTYPES
+from ..core.devices import DTYPES, resolve_device
 from ..core.errors import LLMProbeError
 from ..core.modulemap import ROLES
 from ..core.progress import track
@@ -220,12 +220,6 @@ def check_load_dtype(load_dtype: str) -> torch.dtype:
     if load_dtype not in LOAD_DTYPES:
         raise LLMProbeError(f"unknown --load-dtype '{load_dtype}'; use one of {', '.join(LOAD_DTYPES)}")
     return LOAD_DTYPES[load_dtype]
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    from ..core.devices import resolve_device as resolve
-
-    return resolve(device)
 
 
 # --------------------------------------------------------------------------- selection

@@ -22,22 +22,28 @@ from ..core.records import Record
 # What each profile runs, in order. Names not registered in this version are skipped and named.
 QUICK = ["model.info", "eval.perplexity", "weights.alpha-hill", "weights.stats", "activations.magnitude",
          "activations.kurtosis", "activations.max-median", "robustness.super-weights"]
+# robustness.ablation gives Block Influence and angular distance from one pass, then the measured
+# effect of skipping each block (standard) or each layer's attn/mlp group (full).
 STANDARD = QUICK + ["model.layers", "weights.spectrum", "activations.quant-error", "activations.norms",
-                    "robustness.block-influence"]
-FULL = STANDARD + ["activations.fisher", "activations.fgmp", "robustness.ablation", "robustness.noise",
-                   "weights.embeddings"]
+                    "robustness.ablation"]
+FULL = STANDARD + ["activations.fisher", "activations.fgmp", "robustness.noise", "weights.embeddings"]
 PROFILES = {"quick": QUICK, "standard": STANDARD, "full": FULL}
 
 # Settings the report uses where an analysis's own default suits a single command better.
 REPORT_DEFAULTS: dict[str, dict[str, Any]] = {
     "activations.quant-error": {"bits": 4},
-    "robustness.ablation": {"granularity": "block"},
+    "robustness.ablation": {"granularity": "block", "max_windows": 4},
+    "robustness.noise": {"max_windows": 4, "repeats": 2},
+    "robustness.super-weights": {"max_windows": 4},
+}
+PROFILE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
+    "full": {"robustness.ablation": {"granularity": "layer"}},
 }
 
 # Rough relative cost of each stage, for the ETA line (seconds on the embedded model, 2 cores).
 _COST = {"eval.perplexity": 25, "weights.alpha-hill": 30, "weights.spectrum": 25, "weights.stats": 10,
          "activations.fisher": 30, "activations.fgmp": 30, "robustness.ablation": 60, "robustness.noise": 60,
-         "weights.embeddings": 40, "robustness.super-weights": 15, "robustness.block-influence": 10}
+         "weights.embeddings": 40, "robustness.super-weights": 15}
 
 
 class ReportRun(Record):
@@ -103,6 +109,7 @@ def analysis_options(name: str, options, overrides: dict[str, Any]) -> dict[str,
     if "plot" in fields:
         values["plot"] = True
     values.update(REPORT_DEFAULTS.get(name, {}))
+    values.update(PROFILE_DEFAULTS.get(options.profile, {}).get(name, {}))
     values.update(overrides)
     return {k: v for k, v in values.items() if k in fields}
 
@@ -212,7 +219,12 @@ def print_summary(result, options, console) -> None:
           columns=["analysis", "status", "seconds", "shared_pass", "note"], console=console)
     built = result.data.get("built")
     if built is not None:
+        # The pages were written in the run's staging folder; name them where they are now.
+        final = result.out if result.out is not None else built.html.parent
         for line in built.summary():
-            console.print(line)
+            if not line.startswith(("report: ", "markdown: ")):
+                console.print(line, soft_wrap=True, markup=False, highlight=False)
+        console.print(f"markdown: {final / built.markdown.name}", soft_wrap=True, markup=False, highlight=False)
+        console.print(f"report: {final / built.html.name}", soft_wrap=True, markup=False, highlight=False)
 
 

@@ -22,6 +22,7 @@ from .data import (
 from .errors import LLMProbeError
 from .loading import LoadedModel
 from .modulemap import LinearSite, ModuleMap
+from .specs import check_range
 
 ROTATIONS = ("none", "hadamard")
 
@@ -71,10 +72,8 @@ def prepare(lm: LoadedModel, *, dataset: str | None = "wikitext2", nsamples: int
     """Select modules and draw calibration windows (or take ``windows`` as given: [N, L] ids)."""
     if windows is not None:  # explicit windows define their own count and length
         nsamples, seqlen = int(windows.shape[0]), int(windows.shape[1])
-    if nsamples <= 0:
-        raise LLMProbeError(f"--nsamples must be positive; got {nsamples}")
-    if seqlen <= 1:
-        raise LLMProbeError(f"--seqlen must be at least 2 tokens; got {seqlen}")
+    check_range("--nsamples", nsamples, low=1)
+    check_range("--seqlen", seqlen, low=2)
     if lm.max_length is not None and seqlen > lm.max_length:
         raise LLMProbeError(f"--seqlen {seqlen} is above this model's maximum of {lm.max_length} tokens")
     mmap = ModuleMap(lm.model)

@@ -39,6 +39,7 @@ import torch
 
 from .errors import LLMProbeError
 from .paths import describe_kind, expand_user
+from .specs import check_range
 
 # The GPTQ / SparseGPT / Wanda evaluation joins dataset rows with a blank line.
 DEFAULT_JOINER = "\n\n"
@@ -459,8 +460,7 @@ class Window:
 def _int_option(value, flag: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise LLMProbeError(f"{flag} must be an integer, got {value!r}")
-    if value < minimum:
-        raise LLMProbeError(f"{flag} must be at least {minimum}, got {value}")
+    check_range(flag, value, low=minimum)
     return int(value)
 
 

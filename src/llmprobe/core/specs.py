@@ -74,3 +74,20 @@ def check_range(name: str, value, *, low=None, high=None, low_open=False, high_o
 # The one name of the one kurtosis estimator used everywhere (weights and activations):
 # m4 / m2² − 3 with population (biased) moments = scipy.stats.kurtosis(fisher=True, bias=True).
 KURTOSIS_ESTIMATOR = "excess_fisher_biased"
+
+
+_NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+def parse_nm(nm, flag: str = "--nm") -> tuple[int, int]:
+    """'2:4' -> (2, 4): N of every M consecutive weights pruned; needs 0 < N < M."""
+    if isinstance(nm, tuple):
+        n, m = nm
+    else:
+        match = _NM.match(str(nm))
+        if match is None:
+            raise LLMProbeError(f"{flag} must look like N:M (e.g. 2:4); got {nm!r}")
+        n, m = int(match.group(1)), int(match.group(2))
+    if not 0 < n < m:
+        raise LLMProbeError(f"{flag} {n}:{m}: need 0 < N < M (N of every M weights are pruned)")
+    return n, m

@@ -28,4 +28,4 @@ def diff_job(job):
 
 def print_built(result, options, console) -> None:
     for line in result.data["built"].summary():
-        console.print(line, soft_wrap=True)
+        console.print(line, soft_wrap=True, markup=False, highlight=False)
