@@ -219,22 +219,60 @@ def out_dir_for(session: Session, analysis: registry.Analysis, options: Options)
 def execute(session: Session, analysis: registry.Analysis, options: Options, *,
             argv: Sequence[str] | None = None, default_out: bool = False) -> Result:
     """Validate what needs data, open the output, compute, write tables/figures/manifest."""
+    from .core import distributed
     from .core.output import RunOutput, check_out_target, default_out_dir
 
+    # Under torchrun / accelerate launch: join the process group; ranks other than 0 compute
+    # their share but neither print progress nor write (docs/scale.md).
+    if distributed.init_from_env() and not distributed.is_main():
+        progress.set_quiet(True)
     if getattr(options, "quiet", False):
         progress.set_quiet(True)
     if progress.is_quiet():  # transformers' own bars and warnings go too (imported only now)
         progress.silence_libraries()
     if getattr(options, "log_level", None):
         progress.configure_logging(options.log_level, getattr(options, "quiet", False))
+    if not distributed.is_main():  # rank 0 speaks for the run
+        import logging
+
+        logging.getLogger("llmprobe").setLevel(logging.WARNING)
     out = out_dir_for(session, analysis, options)
     if out is None and default_out and analysis.writes_by_default:
         out = default_out_dir(session.source.slug, analysis.group, analysis.command)
     overwrite = bool(getattr(options, "overwrite", False))
-    if out is not None:  # refused before any model is loaded or any file is touched
-        out = check_out_target(out, overwrite, model_path=session.model_options["model"])
+    if out is not None:  # refused before any model is loaded or any file is touched (rank 0 decides)
+        target = out
+        out = distributed.settle(lambda: check_out_target(target, overwrite, model_path=session.model_options["model"])
+                                 if distributed.is_main() else target)
     job = Job(session, options, analysis)
-    # Everything the analysis needs is opened (and checked) before the output folder exists.
+    distributed.settle(_open_needs, session, analysis, job)
+    world = distributed.facts()  # {} in one process
+    compute = registry.resolve(analysis.compute)
+    if out is None or not distributed.is_main():
+        job.started_at = distributed.broadcast(_now())
+        result = distributed.settle(compute, job)
+        result.analysis = analysis.name
+        return result
+    with RunOutput(out, command=f"{analysis.group} {analysis.command}", overwrite=overwrite, argv=argv,
+                   model_path=session.model_options["model"]) as run:
+        run.update(**run_manifest(session, job), **({"distributed": world} if world else {}))
+        job.started_at = distributed.broadcast(run.manifest["started_at"])
+        job.run_dir, job.run = run.dir, run
+        result = distributed.settle(compute, job)
+        result.analysis, result.out = analysis.name, run.target
+        for table, records in result.tables.items():
+            run.write_table(table, records, json_too=table not in result.csv_only)
+        for name, document in result.documents.items():
+            run.write_json(name, document)
+        if getattr(options, "plot", False) and analysis.figures:
+            write_figures(run, registry.resolve(analysis.figures)(result, options), options.plot_format)
+        if result.manifest:
+            run.update(**result.manifest)
+    return result
+
+
+def _open_needs(session: Session, analysis: registry.Analysis, job: Job) -> None:
+    """Everything the analysis needs is opened (and checked) before the output folder exists."""
     for need in analysis.needs:
         if need == "source":
             session.source  # noqa: B018
@@ -248,27 +286,6 @@ def execute(session: Session, analysis: registry.Analysis, options: Options, *,
             job.evaluation  # noqa: B018
     if analysis.prepare:
         registry.resolve(analysis.prepare)(job)
-    compute = registry.resolve(analysis.compute)
-    if out is None:
-        job.started_at = _now()
-        result = compute(job)
-        result.analysis = analysis.name
-        return result
-    with RunOutput(out, command=f"{analysis.group} {analysis.command}", overwrite=overwrite, argv=argv,
-                   model_path=session.model_options["model"]) as run:
-        run.update(**run_manifest(session, job))
-        job.started_at, job.run_dir, job.run = run.manifest["started_at"], run.dir, run
-        result = compute(job)
-        result.analysis, result.out = analysis.name, run.target
-        for table, records in result.tables.items():
-            run.write_table(table, records, json_too=table not in result.csv_only)
-        for name, document in result.documents.items():
-            run.write_json(name, document)
-        if getattr(options, "plot", False) and analysis.figures:
-            write_figures(run, registry.resolve(analysis.figures)(result, options), options.plot_format)
-        if result.manifest:
-            run.update(**result.manifest)
-    return result
 
 
 def run_manifest(session: Session, job: Job) -> dict[str, Any]:

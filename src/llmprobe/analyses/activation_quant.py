@@ -303,6 +303,14 @@ class _TokenErrorStats:
             state["sumsq"].index_add_(0, index, errors.square() * weight)
             state["max"].scatter_reduce_(0, index, errors, reduce="amax")
 
+    def merge(self, scopes: dict) -> None:
+        """Fold another rank's per-scope states in (counts and sums add, maxima max)."""
+        for scope, other in scopes.items():
+            state = self._state(scope)
+            for name in ("count", "sum", "sumsq"):
+                state[name] += other[name]
+            state["max"] = torch.maximum(state["max"], other["max"])
+
 
 class _QuantErrorCollector:
     """Σ (x − Q(x))², Σ x² and counts per key; optionally each token row's error by token id."""
@@ -329,6 +337,27 @@ class _QuantErrorCollector:
         if self.token_stats is not None:
             row_error = squared_error.mean(dim=1, dtype=torch.float64)
             self.token_stats.add(self.key_members[key], batch.token_ids, row_error)
+
+    # merging across ranks (core/distributed.merge_collectors): sums add
+    def shard_state(self) -> dict:
+        return {"sse": dict(self.sse), "signal": dict(self.signal), "tokens": dict(self.tokens),
+                "features": dict(self.features),
+                "scopes": None if self.token_stats is None else self.token_stats.scopes}
+
+    def load_shard_state(self, state: dict) -> None:
+        self.sse, self.signal, self.tokens = {}, {}, {}
+        if self.token_stats is not None:
+            self.token_stats.scopes = {}
+        self.merge_shard_state(state)
+
+    def merge_shard_state(self, state: dict) -> None:
+        for name in ("sse", "signal", "tokens"):
+            mine = getattr(self, name)
+            for key, value in state[name].items():
+                mine[key] = mine.get(key, 0) + value
+        self.features.update(state["features"])
+        if self.token_stats is not None:
+            self.token_stats.merge(state["scopes"])
 
 
 def _quant_error_rows(collector: _QuantErrorCollector, key_members: dict[str, list[LinearSite]],
@@ -531,6 +560,24 @@ class _FisherCollector:
         self.tokens[key] = self.tokens.get(key, 0) + int(batch.grad.shape[0])
         self.features[key] = int(batch.grad.shape[1])
 
+    # merging across ranks (core/distributed.merge_collectors): each window lives on one rank
+    def shard_state(self) -> dict:
+        return {"per_window": self.per_window, "tokens": dict(self.tokens), "features": dict(self.features)}
+
+    def load_shard_state(self, state: dict) -> None:
+        self.per_window, self.tokens, self.features = {}, {}, {}
+        self.merge_shard_state(state)
+
+    def merge_shard_state(self, state: dict) -> None:
+        for key, values in state["per_window"].items():
+            if key in self.per_window:
+                self.per_window[key] = self.per_window[key] + values
+            else:
+                self.per_window[key] = values.clone()
+        for key, value in state["tokens"].items():
+            self.tokens[key] = self.tokens.get(key, 0) + value
+        self.features.update(state["features"])
+
 
 def _logsumexp_of_logs(values: torch.Tensor) -> float | None:
     """log Σ v computed as logsumexp(log v); None when every v is 0 (log 0 = −inf)."""
@@ -655,6 +702,21 @@ class _FgmpCollector:
         self.block_sums[key] += per_block
         self.delta_sums[key] = self.delta_sums.get(key, 0.0) + float(delta_sq.sum(dtype=torch.float64))
         self.tokens[key] = self.tokens.get(key, 0) + tokens
+
+    # merging across ranks (core/distributed.merge_collectors): sums add
+    def shard_state(self) -> dict:
+        return {"blocks": self.block_sums, "delta": dict(self.delta_sums), "tokens": dict(self.tokens)}
+
+    def load_shard_state(self, state: dict) -> None:
+        self.block_sums, self.delta_sums, self.tokens = {}, {}, {}
+        self.merge_shard_state(state)
+
+    def merge_shard_state(self, state: dict) -> None:
+        for key, values in state["blocks"].items():
+            self.block_sums[key] = self.block_sums[key] + values if key in self.block_sums else values.clone()
+        for name, mine in (("delta", self.delta_sums), ("tokens", self.tokens)):
+            for key, value in state[name].items():
+                mine[key] = mine.get(key, 0) + value
 
 
 def fgmp(calib: Calibration, block_size: int = 32, low: str = "int4", high: str = "int8", *,

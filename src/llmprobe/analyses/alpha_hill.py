@@ -68,6 +68,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..core import distributed
 from ..core.devices import DTYPES, resolve_device
 from ..core.errors import LLMProbeError
 from ..core.modulemap import ROLES
@@ -495,15 +496,20 @@ def alpha_hill_analysis(
                 ",".join(f"{p}:{spectrum_arithmetic(p, spectrum_dtype, precisions, fit)}" for p in precisions),
                 target)
 
-    def rows_as_done() -> Iterator[PrecisionAlphaHill]:
-        for chunk in chunks:
-            yield from _process_chunk(ws, chunk, precisions, k_frac, fit, target, torch_load_dtype,
-                                      spectrum_dtype)
+    def rows_of(part: list[MatrixPlan]) -> list[PrecisionAlphaHill]:
+        def rows_as_done() -> Iterator[PrecisionAlphaHill]:
+            for chunk in _chunks(part, chunk_bytes):
+                yield from _process_chunk(ws, chunk, precisions, k_frac, fit, target, torch_load_dtype,
+                                          spectrum_dtype)
 
-    done = list(track(rows_as_done(), "alpha-hill", total=len(plans)))
-    # chunks run shape by shape; report in model order
-    position = {plan.name: index for index, plan in enumerate(plans)}
-    rows = sorted(done, key=lambda row: position[row.layer_name])
+        done = list(track(rows_as_done(), "alpha-hill", total=len(part)))
+        # chunks run shape by shape; report in model order
+        position = {plan.name: index for index, plan in enumerate(part)}
+        return sorted(done, key=lambda row: position[row.layer_name])
+
+    # Under torchrun each rank takes its share of the matrices, balanced by m·n·min(m, n);
+    # every rank gets all rows back in model order.
+    rows = distributed.map_shards(plans, rows_of, costs=[distributed.matrix_cost(plan.shape) for plan in plans])
     return rows, summarize_precisions(rows, precisions)
 
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..core import progress
+from ..core import distributed, progress
 from ..core.data import Window, eval_windows
 from ..core.errors import LLMProbeError
 from ..core.loading import LoadedModel
@@ -92,16 +92,27 @@ def perplexity(lm: LoadedModel, ids: torch.Tensor, *, seqlen: int, stride: int |
         raise LLMProbeError(f"--max-windows must be positive; got {max_windows}")
     check_seqlen(seqlen, lm.max_length)
     windows = eval_windows(ids, seqlen, stride=stride, max_windows=max_windows)
+
+    def score(batches: list[list[Window]]) -> list[tuple[float, int, int]]:
+        scores = []
+        for batch in progress.track(batches, "perplexity"):
+            stacked = torch.stack([w.input_ids for w in batch])
+            n_scored = [w.n_scored for w in batch]
+            total, count = window_nll(lm.model, stacked, n_scored)
+            nbytes = 0
+            for w, scored in zip(batch, n_scored):
+                first_target = max(1, len(w.input_ids) - scored)
+                nbytes += len(lm.tokenizer.decode(w.input_ids[first_target:]).encode("utf-8"))
+            scores.append((total, count, nbytes))
+        return scores
+
+    # Under torchrun each rank scores a contiguous block of the batches; the per-batch sums come
+    # back in batch order and are added in that order, as in one process.
     nll_sum, tokens, nbytes = 0.0, 0, 0
-    for batch in progress.track(_batches(windows, batch_size), "perplexity"):
-        stacked = torch.stack([w.input_ids for w in batch])
-        n_scored = [w.n_scored for w in batch]
-        total, count = window_nll(lm.model, stacked, n_scored)
+    for total, count, size in distributed.map_shards(_batches(windows, batch_size), score):
         nll_sum += total
         tokens += count
-        for w, scored in zip(batch, n_scored):
-            first_target = max(1, len(w.input_ids) - scored)
-            nbytes += len(lm.tokenizer.decode(w.input_ids[first_target:]).encode("utf-8"))
+        nbytes += size
     mean = nll_sum / tokens
     return PerplexityResult(
         model=lm.source.display, dataset=dataset, protocol="sliding" if stride else "non-overlapping",

@@ -48,7 +48,7 @@ from itertools import chain
 
 import torch
 
-from ..core import progress, spectral
+from ..core import distributed, progress, spectral
 from ..core.errors import LLMProbeError
 from ..core.modulemap import ModuleMap
 from ..core.records import Record
@@ -415,6 +415,13 @@ def weight_stats(ws: WeightSource, regex: str | None = None, zero_tol: float = 1
     zero_tol = check_zero_tol(zero_tol)
     chosen = list(names) if names is not None else select_tensors(ws, regex)
     ordered = order_rows(ws, chosen)
+    # Under torchrun each rank reads its share of the tensors (balanced by size); every rank
+    # gets all rows back in this order.
+    return distributed.map_shards(ordered, lambda part: _stats_rows(ws, part, zero_tol),
+                                  costs=[math.prod(ws.shape(name)) for name, _, _ in ordered])
+
+
+def _stats_rows(ws: WeightSource, ordered, zero_tol: float) -> list[WeightStats]:
     records = []
     for name, layer, role in progress.track(ordered, "weight stats", total=len(ordered)):
         tensor = ws.get(name)
@@ -483,8 +490,21 @@ def weight_spectrum(ws: WeightSource, regex: str | None = None, rank_rtol: float
         ws, regex, min_dim=2, max_dim=2, floating_only=True, what="2-D weight matrix")
     ordered = order_rows(ws, chosen)
     info = {name: (layer, role) for name, layer, role in ordered}
+    names = [name for name, _, _ in ordered]
+    created_at = distributed.broadcast(
+        created_at or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    # Under torchrun each rank decomposes its share of the matrices, balanced by m·n·min(m, n);
+    # every rank gets all rows back in this order.
+    return distributed.map_shards(
+        names, lambda part: _spectrum_rows(ws, part, info, rank_rtol, energy, device, zero_tol, created_at,
+                                           max_batch_bytes),
+        costs=[distributed.matrix_cost(ws.shape(name)) for name in names])
+
+
+def _spectrum_rows(ws: WeightSource, names: Sequence[str], info: dict, rank_rtol: float, energy: float,
+                   device: str, zero_tol: float, created_at: str | None, max_batch_bytes: int
+                   ) -> list[WeightSpectrum]:
     stem = energy_column_stem(energy)
-    created_at = created_at or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     source = ws.source
     model_path = source.location if source is not None else None
     model_id = source.display if source is not None else None
@@ -492,7 +512,7 @@ def weight_spectrum(ws: WeightSource, regex: str | None = None, rank_rtol: float
 
     # Same-shape matrices next to each other so that each batch is one stacked decomposition.
     by_shape: dict[tuple[int, ...], list[str]] = {}
-    for name, _, _ in ordered:
+    for name in names:
         by_shape.setdefault(tuple(ws.shape(name)), []).append(name)
     work = [name for group in by_shape.values() for name in group]
 
@@ -526,7 +546,7 @@ def weight_spectrum(ws: WeightSource, regex: str | None = None, rank_rtol: float
                 or pending_bytes >= max_batch_bytes):
             flush()
     flush()
-    return [rows[name] for name, _, _ in ordered]
+    return [rows[name] for name in names]
 
 
 def _spectrum_row(name, shape, dtype, layer_role, sigma, method, moments, rank_rtol, energy, stem,

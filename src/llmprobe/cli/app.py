@@ -103,7 +103,10 @@ def run_command(analysis: registry.Analysis, values: dict[str, Any]) -> None:
     session = Session(**model_values)
     result = execute(session, analysis, options, argv=sys.argv[1:] if _argv["value"] is None else _argv["value"],
                      default_out=True)
-    show(analysis, result, options)
+    from ..core.distributed import is_main
+
+    if is_main():  # under torchrun only rank 0 prints (every rank holds the same result)
+        show(analysis, result, options)
 
 
 def show(analysis: registry.Analysis, result, options) -> None:

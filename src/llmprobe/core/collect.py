@@ -27,7 +27,7 @@ from typing import Literal, Protocol
 
 import torch
 
-from . import progress
+from . import distributed, progress
 from .errors import LLMProbeError
 from .modulemap import LinearSite, ModuleMap
 from .readouts import window_mean_loss
@@ -386,7 +386,10 @@ def collect(lm_model: torch.nn.Module, mmap: ModuleMap, sites: Sequence[LinearSi
             embed = lm_model.get_input_embeddings()
             handles.append(embed.register_forward_hook(lambda m, a, out: out.requires_grad_(True)))
 
-        starts = range(0, windows.shape[0], batch_size)
+        # Under torchrun each rank runs a contiguous block of the batches (the same batches as
+        # one process would run: same windows, same global window indices); the collectors
+        # are merged across ranks below.
+        starts = distributed.share(range(0, windows.shape[0], batch_size))
         for start in progress.track(starts, description, total=len(starts)):
             ids = windows[start:start + batch_size]
             keep = token_filter.keep_mask(ids)
@@ -404,10 +407,13 @@ def collect(lm_model: torch.nn.Module, mmap: ModuleMap, sites: Sequence[LinearSi
             else:
                 with torch.inference_mode():
                     lm_model(input_ids=inputs, use_cache=False)
+    except Exception as exc:
+        distributed.abort(exc)  # the other ranks fail with this rank, instead of waiting for it
     finally:
         for handle in handles:
             handle.remove()
         if backward:
             for p, flag in params_grad.items():
                 p.requires_grad_(flag)
+    distributed.merge_collectors(collectors)
     return sites_for_key(mmap, sites, site, backward)

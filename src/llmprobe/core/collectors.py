@@ -238,6 +238,28 @@ class MomentCollector:
         per_key = 12 * 8
         return sum(per_key + 6 * 8 * len(s.pending) for s in self._state.values())
 
+    # -- merging across ranks (core/distributed.merge_collectors) ------------------------------
+    def shard_state(self) -> dict[str, _KeyMoments]:
+        for state in self._state.values():  # collection is over: every pending window is whole
+            for window in list(state.pending):
+                self._close_window(state, window)
+        return {key: _KeyMoments(**{**vars(state), "pending": {}}) for key, state in self._state.items()}
+
+    def load_shard_state(self, state: dict[str, _KeyMoments]) -> None:
+        self._state = {key: _KeyMoments(**{**vars(value), "pending": {}}) for key, value in state.items()}
+
+    def merge_shard_state(self, state: dict[str, _KeyMoments]) -> None:
+        """Pooled moments merge exactly (Pébay); counts and per-window sums add; maxima max."""
+        for key, other in state.items():
+            mine = self._state.setdefault(key, _KeyMoments())
+            mine.pooled = mine.pooled.merge(other.pooled)
+            mine.tokens += other.tokens
+            mine.abs_max = max(mine.abs_max, other.abs_max)
+            mine.windows += other.windows
+            mine.kurtosis_sum += other.kurtosis_sum
+            mine.kurtosis_windows += other.kurtosis_windows
+            mine.window_abs_max_sum += other.window_abs_max_sum
+
 
 # -- per-channel statistics ------------------------------------------------------------------
 
@@ -285,6 +307,24 @@ class ChannelCollector:
 
     def state_nbytes(self) -> int:
         return sum(tensor_nbytes(t) for t in (*self._sum_sq.values(), *self._abs_max.values()))
+
+    # -- merging across ranks (core/distributed.merge_collectors) ------------------------------
+    def shard_state(self) -> dict:
+        return {key: (self._count[key], self._sum_sq[key].cpu(), self._abs_max[key].cpu()) for key in self._count}
+
+    def load_shard_state(self, state: dict) -> None:
+        self._count = {key: count for key, (count, _, _) in state.items()}
+        self._sum_sq = {key: sum_sq.clone() for key, (_, sum_sq, _) in state.items()}
+        self._abs_max = {key: abs_max.clone() for key, (_, _, abs_max) in state.items()}
+
+    def merge_shard_state(self, state: dict) -> None:
+        for key, (count, sum_sq, abs_max) in state.items():
+            if key not in self._count:
+                self._count[key], self._sum_sq[key], self._abs_max[key] = count, sum_sq.clone(), abs_max.clone()
+                continue
+            self._count[key] += count
+            self._sum_sq[key] += sum_sq.to(self._sum_sq[key].device)
+            self._abs_max[key] = torch.maximum(self._abs_max[key], abs_max.to(self._abs_max[key].device))
 
 
 # -- per-token scalars -----------------------------------------------------------------------
@@ -390,6 +430,33 @@ class TokenCollector:
         """Row indices of the ``k`` tokens with the largest max|x| for ``key``, largest first."""
         values = self.result(key).max_abs
         return torch.topk(values, min(k, values.numel())).indices
+
+    # -- merging across ranks (core/distributed.merge_collectors) ------------------------------
+    # Ranks hold contiguous blocks of windows, so rank-order concatenation is window order:
+    # the merged rows are those of a single-process run, in the same order.
+    def shard_state(self) -> dict:
+        return {"meta": list(self._meta), "updates": dict(self._updates), "max_abs": self._max_abs,
+                "kurtosis": self._kurtosis, "argmax": self._argmax}
+
+    def load_shard_state(self, state: dict) -> None:
+        self._meta, self._updates, self._tables = [], {}, {}
+        self._max_abs, self._kurtosis, self._argmax = {}, {}, {}
+        self.merge_shard_state(state)
+
+    def merge_shard_state(self, state: dict) -> None:
+        passes = len(self._meta)
+        for key, count in state["updates"].items():
+            if self._updates.get(key, 0) != passes or count != len(state["meta"]):
+                raise RuntimeError(f"token rows of {key} do not line up across ranks")
+            self._updates[key] = passes + count
+        if state["meta"] and any(key not in state["updates"] for key in self._updates):
+            raise RuntimeError("a hooked module saw no tokens on one rank; cannot merge per-token rows")
+        self._meta.extend(state["meta"])
+        for mine, other in ((self._max_abs, state["max_abs"]), (self._kurtosis, state["kurtosis"]),
+                            (self._argmax, state["argmax"])):
+            for key, chunks in other.items():
+                mine.setdefault(key, []).extend(chunks)
+        self._tables.clear()
 
     def state_nbytes(self) -> int:
         chunks = [t for m in self._meta for t in m]

@@ -33,6 +33,7 @@ from typing import Any, Literal
 
 import torch
 
+from . import distributed
 from .devices import DTYPES, resolve_device  # noqa: F401  (re-exported: the one resolver lives in devices)
 from .errors import LLMProbeError
 from .paths import describe_kind, expand_user
@@ -522,6 +523,7 @@ def load_model(model: ModelSource | str | None = None, *, dtype: str = "auto", d
     kwargs = {**source.hf_kwargs(), "dtype": torch_dtype, "weights_only": True}
     if device_map == "auto":
         kwargs["device_map"] = "auto"
+        kwargs.update(distributed.device_map_limits())  # under torchrun: this rank's GPUs only
     with _translate_errors(source, "model weights"):
         try:
             net = AutoModelForCausalLM.from_pretrained(source.pretrained_dir(), config=config, **kwargs)
