@@ -544,3 +544,18 @@ def test_plan_file_errors(tmp_path):
     doc["modules"][0]["format"] = "int77"
     with pytest.raises(LLMProbeError, match="integer width"):
         qp.plan_from_document(doc)
+
+
+def test_figures_are_made(tmp_path):
+    from llmprobe.plots.quant import plan_figures, sweep_figures
+
+    calib = calibration()
+    out = qp.plan(calib, avg_bits=4, candidates="2,4,8", group_size=16)
+    figures = plan_figures(out.tables)
+    assert [stem for stem, _ in figures] == ["quant_plan_formats", "quant_sensitivity"]
+    ids = torch.randint(4, 512, (2 * SEQLEN,), generator=torch.Generator().manual_seed(3))
+    rows = qp.sweep(calib.lm, ids, qp.plan_from_document(out.documents["quant_plan"]), budgets=[4.5],
+                    seeds=[0], seqlen=SEQLEN)
+    (stem, fig), = sweep_figures(rows)
+    fig.savefig(tmp_path / f"{stem}.png")
+    assert (tmp_path / "quant_sweep.png").stat().st_size > 0

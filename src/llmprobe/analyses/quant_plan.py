@@ -153,10 +153,13 @@ def format_bits(site_or_shape, fmt: str, scheme: Scheme) -> int:
 def check_group_size(sites: Sequence[LinearSite], scheme: Scheme) -> None:
     if scheme.group_size == 0:
         return
+    common = math.gcd(*[s.in_features for s in sites]) if sites else 0
     for site in sites:
         if site.in_features % scheme.group_size:
+            fits = [g for g in (256, 128, 64, 32, 16, 8) if common % g == 0 and g < scheme.group_size]
+            hint = f"e.g. {fits[0]}, " if fits else ""
             raise LLMProbeError(f"--group-size {scheme.group_size} does not divide the {site.in_features} input "
-                                f"features of {site.name}; pick a divisor or 0 (per-channel)")
+                                f"features of {site.name}; pick a divisor ({hint}or 0 for per-channel)")
 
 
 def fake_quant(weight: torch.Tensor, fmt: str, scheme: Scheme) -> torch.Tensor:
