@@ -38,6 +38,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--budgets", default="")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--compare", default="", help="other metrics, e.g. output+fisher,delta-loss,fgmp")
+    parser.add_argument("--compare-nsamples", type=int, default=4, help="calibration windows for --compare")
+    parser.add_argument("--compare-seqlen", type=int, default=128)
+    parser.add_argument("--skip-sweep", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -63,9 +67,13 @@ def main() -> None:
     for stem, fig in plan_figures(result.tables):
         fig.savefig(out / f"{stem}.png", dpi=110)
 
-    started = time.perf_counter()
     base = qp.plan_from_document(result.documents["quant_plan"])
     budgets = [float(b) for b in args.budgets.split(",") if b] or None
+    if args.compare:
+        compare(args, lm, ids, half, base, budgets, out, timings)
+    if args.skip_sweep:
+        return
+    started = time.perf_counter()
     sweep = qp.sweep(lm, ids[:half], base, budgets=budgets, seeds=range(args.seeds), seqlen=args.seqlen,
                      max_windows=args.max_windows)
     timings["sweep"] = time.perf_counter() - started
@@ -92,6 +100,34 @@ def main() -> None:
     for r in rows:
         if r.kind == "uniform":
             print(f"uniform {r.label}: bits {r.avg_bits:.4f} ppl {r.ppl:.3f} KL {r.kl_mean:.4f}")
+
+
+def compare(args, lm, ids, half, base, budgets, out, timings) -> None:
+    """Plans from other sensitivity metrics, re-allocated at the sweep's budgets and evaluated."""
+    sites = qp.resolve_sites(qp.ModuleMap(lm.model), base)
+    if budgets is None:
+        budgets = qp.sweep_budgets(sites, base.candidates, base.scheme)
+    windows = calibration_windows(ids[half:], args.compare_nsamples, args.compare_seqlen, seed=0)
+    calib = prepare(lm, windows=windows)
+    plans = []
+    for spec in args.compare.split(","):
+        metric, _, extra = spec.partition("+")
+        started = time.perf_counter()
+        result = qp.plan(calib, avg_bits=args.avg_bits, candidates=args.candidates, group_size=args.group_size,
+                         metric=metric, fisher_weighted=extra == "fisher")
+        timings[f"plan {spec}"] = time.perf_counter() - started
+        (out / f"quant_plan_{spec}.json").write_text(json.dumps(result.documents["quant_plan"], indent=1))
+        doc = qp.plan_from_document(result.documents["quant_plan"])
+        for budget in budgets:
+            p = qp.replan(doc, sites, budget)
+            p.label = f"{spec} @{budget}"
+            plans.append(p)
+    started = time.perf_counter()
+    rows = qp.evaluate(lm, ids[:half], plans, seqlen=args.seqlen, max_windows=args.max_windows)["quant_eval"]
+    timings["compare eval"] = time.perf_counter() - started
+    records_to_frame(rows).to_csv(out / "quant_compare.csv", index=False)
+    for r in rows:
+        print(f"{r.label}: bits {r.avg_bits:.4f} ppl {r.ppl:.3f} KL {r.kl_mean:.4f}")
 
 
 if __name__ == "__main__":

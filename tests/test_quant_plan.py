@@ -515,6 +515,9 @@ def test_plan_file_round_trip_and_sweep(tmp_path):
     assert same.formats == loaded.formats
     pinned = [r for r in rows if r.kind == "uniform"]
     assert len({r.avg_bits for r in pinned}) == 4
+    lines = qp.eval_summary_lines(rows)
+    assert len(lines) == 3 and lines[1].startswith("@4 bits: plan ppl")
+    assert qp.plan_summary_lines(out.tables)[0].startswith("plan: ")
 
 
 def test_random_plans_differ_by_seed_and_fit():

@@ -825,6 +825,14 @@ class _Reference:
         self.cache: dict[int, torch.Tensor] = {}
         self.nll: dict[int, tuple[float, int]] = {}
 
+    def fits(self, batch: torch.Tensor) -> bool:
+        """Whether this batch's logits would still fit in the cache."""
+        head = self.model.get_output_embeddings()
+        if head is None:
+            return False
+        vocab = head.weight.shape[0]
+        return self.used + batch.numel() * vocab * 4 <= self.budget
+
     def logits(self, index: int, ids: torch.Tensor) -> torch.Tensor:
         if index in self.cache:
             return self.cache[index]
@@ -849,21 +857,37 @@ def _evaluate(lm: LoadedModel, sites, applied_plan: AppliedPlan, batches, refere
     model = lm.model
     device = next(model.parameters()).device
     patches = quantized_weights(sites, applied_plan)
-    nll, count, kl_sum, agree_sum, positions = 0.0, 0, 0.0, 0.0, 0
-    for index, batch in enumerate(batches):
-        ids = batch.to(device)
-        ref = reference.logits(index, ids)
-        with applied(model, patches), torch.inference_mode():
+    totals = {"nll": 0.0, "count": 0, "kl": 0.0, "agree": 0.0, "positions": 0}
+
+    def score(ids: torch.Tensor, ref: torch.Tensor) -> None:
+        with torch.inference_mode():
             logits = model(input_ids=ids, use_cache=False).logits.float()
         s, n = nll_sum(logits, ids)
-        nll += s
-        count += n
+        totals["nll"] += s
+        totals["count"] += n
         # The positions that predict a target (all but the last), as in the loss.
         kl = next_token_kl(ref[:, :-1], logits[:, :-1])
-        kl_sum += float(kl.double().sum())
-        agree_sum += float(top1_agreement(ref[:, :-1], logits[:, :-1]).double().sum())
-        positions += int(kl.numel())
-    del patches
+        totals["kl"] += float(kl.double().sum())
+        totals["agree"] += float(top1_agreement(ref[:, :-1], logits[:, :-1]).double().sum())
+        totals["positions"] += int(kl.numel())
+
+    # Reference logits first (cached where they fit): batches whose reference is cached are
+    # scored under one patch of the weights; the others swap the weights in and out per batch.
+    refs = {index: reference.logits(index, batch.to(device)) for index, batch in enumerate(batches)
+            if index in reference.cache or reference.fits(batch)}
+    with applied(model, patches):
+        for index, ref in refs.items():
+            score(batches[index].to(device), ref)
+    for index, batch in enumerate(batches):
+        if index in refs:
+            continue
+        ids = batch.to(device)
+        ref = reference.logits(index, ids)
+        with applied(model, patches):
+            score(ids, ref)
+        del ref
+    del patches, refs
+    nll, count, kl_sum, agree_sum, positions = (totals[k] for k in ("nll", "count", "kl", "agree", "positions"))
     base_nll = sum(reference.nll[i][0] for i in range(len(batches)))
     base_count = sum(reference.nll[i][1] for i in range(len(batches)))
     bits, params = plan_bits(sites, applied_plan)
@@ -939,3 +963,49 @@ def sweep(lm: LoadedModel, ids: torch.Tensor, base: AppliedPlan, *, budgets: Seq
     tables = evaluate(lm, ids, plans, seqlen=seqlen, max_windows=max_windows, batch_size=batch_size,
                       reference_cache_mb=reference_cache_mb)
     return {"quant_sweep": tables["quant_eval"]}
+
+
+# -- terminal summaries ----------------------------------------------------------------------
+
+
+def plan_summary_lines(tables: Tables, top: int = 5) -> list[str]:
+    """What `quant plan` prints: budget vs achieved, objective, solver, format counts, and the
+    modules that cost most at the narrowest candidate."""
+    s = tables["quant_plan_summary"][0]
+    gap = "" if s.solver == "dp" else f" (lower bound {s.lower_bound:.6g})"
+    lines = [f"plan: {s.plan_avg_bits:.4f} bits/param for a budget of {s.budget_avg_bits:g} "
+             f"({s.plan_bits} of {s.budget_bits} bits, {s.modules} modules, {s.params} params)",
+             f"total {s.metric} sensitivity {s.total_sensitivity:.6g}{gap}, solver {s.solver}",
+             f"formats: {s.formats.replace(';', ', ')}"]
+    narrowest = s.candidates.split(";")[0]
+    worst = sorted((r for r in tables["quant_sensitivity"] if r.format == narrowest),
+                   key=lambda r: -r.sensitivity)[:top]
+    if worst:
+        lines.append(f"most sensitive at {narrowest}: " + ", ".join(f"{r.module} ({r.sensitivity:.3g})" for r in worst))
+    return lines
+
+
+def eval_summary_lines(rows: Sequence[QuantEvalResult]) -> list[str]:
+    """What `quant eval` prints: one line per plan; for a sweep, per budget the plan against the
+    random plans and the uniform plan of the same size."""
+    if not rows:
+        return []
+    lines = [f"unquantized ppl {rows[0].base_ppl:.4f} on {rows[0].windows} windows ({rows[0].tokens} tokens)"]
+    budgets = sorted({r.budget_avg_bits for r in rows if r.kind == "plan" and r.budget_avg_bits is not None})
+    if budgets and (len(budgets) > 1 or any(r.kind == "random" for r in rows)):
+        for b in budgets:
+            planned = [r for r in rows if r.kind == "plan" and r.budget_avg_bits == b][0]
+            randoms = sorted(r.ppl for r in rows if r.kind == "random" and r.budget_avg_bits == b)
+            uniform = [r for r in rows if r.kind == "uniform" and r.avg_bits <= b]
+            line = f"@{b:g} bits: plan ppl {planned.ppl:.3f} ({planned.avg_bits:.4f} bits, KL {planned.kl_mean:.4f})"
+            if randoms:
+                line += f"; random best/median/worst {randoms[0]:.3f}/{randoms[len(randoms) // 2]:.3f}/{randoms[-1]:.3f}"
+            if uniform:
+                u = max(uniform, key=lambda r: r.avg_bits)
+                line += f"; {u.label} {u.ppl:.3f} ({u.avg_bits:.4f} bits)"
+            lines.append(line)
+        return lines
+    for r in rows:
+        lines.append(f"{r.label}: {r.avg_bits:.4f} bits/param, ppl {r.ppl:.4f} ({r.delta_ppl:+.4f}), "
+                     f"KL {r.kl_mean:.5f}, top-1 agreement {r.top1_agreement:.4f}")
+    return lines
