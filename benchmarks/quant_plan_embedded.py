@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--compare-nsamples", type=int, default=4, help="calibration windows for --compare")
     parser.add_argument("--compare-seqlen", type=int, default=128)
     parser.add_argument("--skip-sweep", action="store_true")
+    parser.add_argument("--reuse-plan", action="store_true", help="read OUT/quant_plan.json instead of planning")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -56,18 +57,11 @@ def main() -> None:
     calib = prepare(lm, windows=calib_windows)
     timings["load"] = time.perf_counter() - started
 
-    started = time.perf_counter()
-    result = qp.plan(calib, avg_bits=args.avg_bits, candidates=args.candidates, group_size=args.group_size,
-                     metric=args.metric)
-    timings["plan"] = time.perf_counter() - started
-    (out / "quant_plan.json").write_text(json.dumps(result.documents["quant_plan"], indent=1))
-    (out / "recipe.yaml").write_text(result.documents["recipe"])
-    for name, rows in result.tables.items():
-        records_to_frame(rows).to_csv(out / f"{name}.csv", index=False)
-    for stem, fig in plan_figures(result.tables):
-        fig.savefig(out / f"{stem}.png", dpi=110)
-
-    base = qp.plan_from_document(result.documents["quant_plan"])
+    if args.reuse_plan:
+        document = json.loads((out / "quant_plan.json").read_text())
+    else:
+        document = make_plan(args, calib, out, timings)
+    base = qp.plan_from_document(document)
     budgets = [float(b) for b in args.budgets.split(",") if b] or None
     if args.compare:
         compare(args, lm, ids, half, base, budgets, out, timings)
@@ -100,6 +94,21 @@ def main() -> None:
     for r in rows:
         if r.kind == "uniform":
             print(f"uniform {r.label}: bits {r.avg_bits:.4f} ppl {r.ppl:.3f} KL {r.kl_mean:.4f}")
+
+
+def make_plan(args, calib, out, timings) -> dict:
+    started = time.perf_counter()
+    result = qp.plan(calib, avg_bits=args.avg_bits, candidates=args.candidates, group_size=args.group_size,
+                     metric=args.metric)
+    timings["plan"] = time.perf_counter() - started
+    (out / "quant_plan.json").write_text(json.dumps(result.documents["quant_plan"], indent=1))
+    (out / "recipe.yaml").write_text(result.documents["recipe"])
+    for name, rows in result.tables.items():
+        records_to_frame(rows).to_csv(out / f"{name}.csv", index=False)
+    for stem, fig in plan_figures(result.tables):
+        fig.savefig(out / f"{stem}.png", dpi=110)
+
+    return result.documents["quant_plan"]
 
 
 def compare(args, lm, ids, half, base, budgets, out, timings) -> None:

@@ -562,3 +562,25 @@ def test_figures_are_made(tmp_path):
     (stem, fig), = sweep_figures(rows)
     fig.savefig(tmp_path / f"{stem}.png")
     assert (tmp_path / "quant_sweep.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(), "exactly one of"), (dict(uniform="4", random=True), "--uniform and --random"),
+    (dict(uniform="4", do_sweep=True), "--sweep needs --plan"), (dict(random=True), "needs --avg-bits"),
+    (dict(uniform="int4", sweep_budgets_="3,x"), "not a number"), (dict(uniform="int4", sweep_budgets_="3"), "only applies"),
+    (dict(uniform="int99"), "integer width"), (dict(uniform="4", group_size=12), "does not divide"),
+    (dict(random=True, avg_bits=1, group_size=16), "below the smallest")])
+def test_eval_entry_point_errors(kwargs, needle):
+    with pytest.raises(LLMProbeError, match=needle):
+        qp.eval_plans(tiny_lm(), torch.arange(4, 200), seqlen=SEQLEN, **kwargs)
+
+
+def test_eval_entry_point_uniform_and_random():
+    lm = tiny_lm()
+    ids = torch.randint(4, 512, (2 * SEQLEN,), generator=torch.Generator().manual_seed(5))
+    before = state_bytes(lm.model)
+    (u,) = qp.eval_plans(lm, ids, uniform="8", group_size=16, seqlen=SEQLEN, roles=["mlp"])["quant_eval"]
+    assert u.kind == "uniform" and u.modules == 6 and u.avg_bits == 9.0 and u.kl_mean < 1e-3
+    (r,) = qp.eval_plans(lm, ids, random=True, avg_bits=4, seed=2, group_size=16, seqlen=SEQLEN)["quant_eval"]
+    assert r.kind == "random" and r.avg_bits <= 4
+    assert state_bytes(lm.model) == before

@@ -1009,3 +1009,70 @@ def eval_summary_lines(rows: Sequence[QuantEvalResult]) -> list[str]:
         lines.append(f"{r.label}: {r.avg_bits:.4f} bits/param, ppl {r.ppl:.4f} ({r.delta_ppl:+.4f}), "
                      f"KL {r.kl_mean:.5f}, top-1 agreement {r.top1_agreement:.4f}")
     return lines
+
+
+# -- the `quant eval` entry point ------------------------------------------------------------
+
+
+def parse_budgets(budgets: str | Sequence[float] | None) -> list[float] | None:
+    if budgets is None or budgets == "" or budgets == []:
+        return None
+    items = budgets.split(",") if isinstance(budgets, str) else list(budgets)
+    values = []
+    for item in items:
+        try:
+            value = float(item)
+        except (TypeError, ValueError):
+            raise LLMProbeError(f"--budgets: {item!r} is not a number of bits") from None
+        if not value > 0:
+            raise LLMProbeError(f"--budgets: {item!r} must be positive")
+        values.append(value)
+    return sorted(set(values))
+
+
+def eval_plans(lm: LoadedModel, ids: torch.Tensor, *, plan_path=None, uniform: str | None = None,
+               random: bool = False, avg_bits: float | None = None, seed: int = 0,
+               candidates: str | Sequence[str] | None = None, group_size: int = 128, symmetric: bool = True,
+               roles: Sequence[str] | None = None, layers: Sequence[int] | None = None, regex: str | None = None,
+               sweep_budgets_: str | Sequence[float] | None = None, do_sweep: bool = False,
+               seeds: Sequence[int] = (0, 1, 2, 3, 4), seqlen: int = 512, max_windows: int | None = None,
+               batch_size: int = 1, reference_cache_mb: float = 1024.0) -> Tables:
+    """``quant eval``: exactly one of ``plan_path`` / ``uniform`` / ``random``; ``do_sweep`` with a
+    plan. Returns ``{"quant_eval": rows}`` or, for a sweep, ``{"quant_sweep": rows}``."""
+    chosen = [name for name, on in (("--plan", plan_path is not None), ("--uniform", uniform is not None),
+                                    ("--random", bool(random))) if on]
+    if len(chosen) != 1:
+        raise LLMProbeError("give exactly one of --plan PATH, --uniform FORMAT or --random"
+                            + (f" (got {' and '.join(chosen)})" if chosen else ""))
+    if do_sweep and plan_path is None:
+        raise LLMProbeError("--sweep needs --plan (a plan file from 'quant plan')")
+    budgets = parse_budgets(sweep_budgets_)
+    if budgets and not do_sweep:
+        raise LLMProbeError("--budgets only applies with --sweep")
+    if do_sweep and not seeds:
+        raise LLMProbeError("--seeds is empty; give at least one seed for the random plans")
+    _check_eval_args(seqlen, max_windows, batch_size, reference_cache_mb)
+    if plan_path is not None:
+        base = load_plan(plan_path)
+        if do_sweep:
+            return sweep(lm, ids, base, budgets=budgets, seeds=seeds, seqlen=seqlen, max_windows=max_windows,
+                         batch_size=batch_size, reference_cache_mb=reference_cache_mb)
+        return evaluate(lm, ids, [base], seqlen=seqlen, max_windows=max_windows, batch_size=batch_size,
+                        reference_cache_mb=reference_cache_mb)
+    if uniform is not None:
+        uniform = parse_candidate(uniform, option="--uniform")
+    elif avg_bits is None:
+        raise LLMProbeError("--random needs --avg-bits")
+    else:
+        formats = parse_candidates(candidates)
+    scheme = check_scheme(group_size, symmetric)
+    sites = ModuleMap(lm.model).select(roles=roles or None, layers=layers or None, regex=regex)
+    if not sites:
+        raise LLMProbeError("no linear module matches the given --roles/--layers/--filter")
+    check_group_size(sites, scheme)
+    if uniform is not None:
+        chosen_plan = uniform_plan(sites, uniform, scheme)
+    else:
+        chosen_plan = random_plan(sites, formats, scheme, avg_bits=avg_bits, seed=seed)
+    return evaluate(lm, ids, [chosen_plan], seqlen=seqlen, max_windows=max_windows, batch_size=batch_size,
+                    reference_cache_mb=reference_cache_mb)
