@@ -226,8 +226,9 @@ def captured_inputs(model, ids) -> dict[str, list[torch.Tensor]]:
     handles = []
     for name, module in model.named_modules():
         if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head:
-            handles.append(module.register_forward_pre_hook(
-                lambda m, args, name=name: store.setdefault(name, []).extend(args[0].detach().reshape(-1, args[0].shape[-1]))))
+            def hook(m, args, name=name):
+                store.setdefault(name, []).extend(args[0].detach().reshape(-1, args[0].shape[-1]))
+            handles.append(module.register_forward_pre_hook(hook))
     with torch.no_grad():
         for row in ids:
             model(input_ids=row[None])
@@ -386,7 +387,8 @@ def test_plan_beats_uniform_on_its_own_objective():
     calib = calibration()
     scheme = qp.Scheme(16, True)
     params = sum(s.in_features * s.out_features for s in calib.sites)
-    out = qp.plan(calib, avg_bits=Fraction(sum(qp.format_bits(s, "int3", scheme) for s in calib.sites), params), candidates="2,3,4,8", group_size=16)
+    uniform3 = Fraction(sum(qp.format_bits(s, "int3", scheme) for s in calib.sites), params)
+    out = qp.plan(calib, avg_bits=uniform3, candidates="2,3,4,8", group_size=16)
     rows = out.tables["quant_sensitivity"]
     uniform = sum(r.sensitivity for r in rows if r.format == "int3")
     assert out.tables["quant_plan_summary"][0].total_sensitivity <= uniform * (1 + 1e-12)
@@ -567,7 +569,8 @@ def test_figures_are_made(tmp_path):
 @pytest.mark.parametrize("kwargs, needle", [
     (dict(), "exactly one of"), (dict(uniform="4", random=True), "--uniform and --random"),
     (dict(uniform="4", do_sweep=True), "--sweep needs --plan"), (dict(random=True), "needs --avg-bits"),
-    (dict(uniform="int4", sweep_budgets_="3,x"), "not a number"), (dict(uniform="int4", sweep_budgets_="3"), "only applies"),
+    (dict(uniform="int4", sweep_budgets_="3,x"), "not a number"),
+    (dict(uniform="int4", sweep_budgets_="3"), "only applies"),
     (dict(uniform="int99"), "integer width"), (dict(uniform="4", group_size=12), "does not divide"),
     (dict(random=True, avg_bits=1, group_size=16), "below the smallest")])
 def test_eval_entry_point_errors(kwargs, needle):

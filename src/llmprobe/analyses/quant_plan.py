@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..core import progress
@@ -955,7 +954,7 @@ def sweep(lm: LoadedModel, ids: torch.Tensor, base: AppliedPlan, *, budgets: Seq
     if not budgets:
         raise LLMProbeError("--sweep needs at least two candidate formats (or explicit --budgets)")
     plans = [uniform_plan(sites, f, base.scheme) for f in candidates]
-    for f, p in zip(candidates, plans):
+    for p in plans:
         p.formats.update(pins)
     for b in budgets:
         plans.append(replan(base, sites, b))
@@ -999,7 +998,8 @@ def eval_summary_lines(rows: Sequence[QuantEvalResult]) -> list[str]:
             uniform = [r for r in rows if r.kind == "uniform" and r.avg_bits <= b]
             line = f"@{b:g} bits: plan ppl {planned.ppl:.3f} ({planned.avg_bits:.4f} bits, KL {planned.kl_mean:.4f})"
             if randoms:
-                line += f"; random best/median/worst {randoms[0]:.3f}/{randoms[len(randoms) // 2]:.3f}/{randoms[-1]:.3f}"
+                middle = randoms[len(randoms) // 2]
+                line += f"; random best/median/worst {randoms[0]:.3f}/{middle:.3f}/{randoms[-1]:.3f}"
             if uniform:
                 u = max(uniform, key=lambda r: r.avg_bits)
                 line += f"; {u.label} {u.ppl:.3f} ({u.avg_bits:.4f} bits)"

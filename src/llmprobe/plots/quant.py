@@ -92,7 +92,8 @@ def sweep_figures(tables: dict[str, Sequence]) -> Figures:
     if not rows:
         return []
     fig = Figure(figsize=(11, 4.5))
-    for index, (field, ylabel) in enumerate((("ppl", "perplexity"), ("kl_mean", "mean KL(unquantized ‖ quantized), nats"))):
+    panels = (("ppl", "perplexity"), ("kl_mean", "mean KL(unquantized ‖ quantized), nats"))
+    for index, (field, ylabel) in enumerate(panels):
         ax = fig.add_subplot(1, 2, index + 1)
         for kind in ("random", "uniform", "plan"):
             points = sorted((r.avg_bits, getattr(r, field)) for r in rows if r.kind == kind)
