@@ -28,14 +28,11 @@ def test_version_and_groups(cli):
     result = cli("--version")
     assert result.code == 0 and __version__ in result.stdout
     help_text = cli("--help").stdout
-    for group in ("model", "eval", "weights", "activations", "robustness", "prune", "report"):
+    from llmprobe.registry import groups
+
+    assert {"model", "eval", "weights", "activations"} <= set(groups())
+    for group in groups():
         assert group in help_text
-
-
-@pytest.mark.parametrize("group", ["robustness", "prune", "report"])
-def test_unbuilt_groups_say_so(cli, group):
-    assert "not built yet" in cli(group, "--help").stdout
-    assert_one_line_error(cli(group), "not built yet")
 
 
 def test_unknown_option_is_one_line(cli):
@@ -197,6 +194,16 @@ def test_existing_out_needs_overwrite(cli, tmp_path, llama_dir):
     out = tmp_path / "layers"
     assert cli("model", "layers", "--model", llama_dir, "--out", out).code == 0
     assert_one_line_error(cli("model", "layers", "--model", llama_dir, "--out", out), "--overwrite")
+    # A file llmprobe did not write makes the folder foreign: refused even with --overwrite.
+    (out / "notes.txt").write_text("mine")
+    assert_one_line_error(cli("model", "layers", "--model", llama_dir, "--out", out, "--overwrite"),
+                          "did not write", "notes.txt")
+    assert (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
+    # A table of the earlier run (listed in its manifest) does not survive the replacement.
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["files"].append("stale.csv")
+    (out / "manifest.json").write_text(json.dumps(manifest))
     (out / "stale.csv").write_text("old")
     assert cli("model", "layers", "--model", llama_dir, "--out", out, "--overwrite").code == 0
     assert not (out / "stale.csv").exists()

@@ -728,6 +728,54 @@ def fgmp(calib: Calibration, block_size: int = 32, low: str = "int4", high: str 
     return FgmpResult(module_rows, block_rows, summary)
 
 
+# -- registered analyses (declared in llmprobe.catalog.activations) ---------------------------
+
+
+def _job_result(result, **manifest):
+    from ..session import Result
+
+    return Result(tables=result.tables(), manifest=manifest)
+
+
+def prepare_quant_job(job):
+    spec = job.options.spec()
+    check_divides(job.calibration, spec.divisor, site=job.options.site)
+
+
+def prepare_fgmp_job(job):
+    check_divides(job.calibration, job.options.block_size, option="--block-size", backward=True)
+
+
+def quant_error_job(job):
+    o, spec = job.options, job.options.spec()
+    result = quant_error(job.calibration, site=o.site, batch_size=o.batch_size, spec=spec)
+    return _job_result(result, **_spec_facts(spec))
+
+
+def top_token_error_job(job):
+    o, spec = job.options, job.options.spec()
+    result = top_token_error(job.calibration, top_k=o.top_k, min_occurrences=o.min_count, site=o.site,
+                             batch_size=o.batch_size, spec=spec)
+    return _job_result(result, **_spec_facts(spec))
+
+
+def fisher_job(job):
+    return _job_result(fisher(job.calibration, batch_size=job.options.batch_size))
+
+
+def fgmp_job(job):
+    o = job.options
+    low, high = o.formats()
+    result = fgmp(job.calibration, o.block_size, low.fmt, high.fmt, keep_frac=o.keep_frac, symmetric=o.symmetric,
+                  batch_size=o.batch_size)
+    return _job_result(result, low_format=low.fmt, high_format=high.fmt)
+
+
+def _spec_facts(spec: QuantSpec) -> dict:
+    return {"format": spec.fmt, "granularity": spec.granularity, "group_size": spec.group_size,
+            "symmetric": spec.symmetric}
+
+
 __all__ = [
     "GRANULARITIES", "QuantSpec", "quant_spec", "block_spec", "check_bits", "resolve_format", "check_divides",
     "ActivationQuantError", "ActivationQuantErrorSummary", "QuantErrorResult", "quant_error",

@@ -37,7 +37,8 @@ from ..core.records import Record
 
 Tables = dict[str, list[Record]]
 
-ESTIMATOR = "excess_fisher_biased"
+from ..core.specs import KURTOSIS_ESTIMATOR as ESTIMATOR  # noqa: E402
+
 RANK_BY = ("max", "mean")
 DOWN_PROJ_ROLES = ("mlp.down", "mlp.fc2")
 
@@ -797,3 +798,74 @@ def norms(calib: Calibration, *, site: str = "input", top_channels: int = 5, bat
             outlier_ratio=_ratio(float(np.max(abs_max)), median),
             top_channels=";".join(str(int(j)) for j in order)))
     return {"norms_channels": long_rows, "norms_modules": summaries}
+
+
+# -- registered analyses (declared in llmprobe.catalog.activations) ---------------------------
+
+
+def _job_result(tables: Tables, **manifest):
+    from ..session import Result
+
+    return Result(tables=tables, manifest=manifest)
+
+
+def magnitude_job(job):
+    o = job.options
+    return _job_result(magnitude(job.calibration, site=o.site, top_k=o.top_k, rank_by=o.rank_by,
+                                 min_count=o.min_count, batch_size=o.batch_size))
+
+
+def kurtosis_job(job):
+    o = job.options
+    return _job_result(kurtosis(job.calibration, site=o.site, batch_size=o.batch_size), estimator=ESTIMATOR)
+
+
+def token_kurtosis_job(job):
+    o = job.options
+    everything = o.layers is not None and o.layers.strip().lower() == "all"
+    chosen = "all" if everything else o.layer_list()
+    tables = token_kurtosis(job.calibration, site=o.site, layers=chosen, top_k=o.top_k, min_count=o.min_count,
+                            batch_size=o.batch_size)
+    layers = sorted({r.layer for r in tables["token_kurtosis"] if r.layer is not None})
+    return _job_result(tables, estimator=ESTIMATOR, token_kurtosis_layers=layers)
+
+
+def prepare_down_proj_job(job):
+    down_proj_sites(job.calibration)  # no down projection: fail before the output folder exists
+
+
+def down_proj_spikes_job(job):
+    o = job.options
+    return _job_result(down_proj_spikes(job.calibration, site=o.site, top_k=o.top_k, rank_by=o.rank_by,
+                                        min_count=o.min_count, batch_size=o.batch_size))
+
+
+def token_occurrence_job(job):
+    o = job.options
+    tables = token_occurrence(job.calibration, target_token=o.target_token, site=o.site, exact=o.exact,
+                              max_occurrence=o.max_occurrence, batch_size=o.batch_size)
+    summary = tables["token_occurrence_summary"][0]
+    result = _job_result(tables, target_token=unescape_token(o.target_token),
+                         token_occurrence={"matched_token_ids": summary.matched_token_ids,
+                                           "occurrences": summary.occurrences})
+    result.notes.append(summary.note)
+    return result
+
+
+def prepare_prompt_job(job):
+    ids = prompt_windows(job.lm, job.options.text)
+    job.state["calibration"] = job.session.calibration(job.options, windows=ids)
+
+
+def prompt_job(job):
+    return _job_result(prompt(job.calibration, site=job.options.site))
+
+
+def max_median_job(job):
+    o = job.options
+    return _job_result(max_median(job.calibration, site=o.site, batch_size=o.batch_size))
+
+
+def norms_job(job):
+    o = job.options
+    return _job_result(norms(job.calibration, site=o.site, top_channels=o.top_channels, batch_size=o.batch_size))

@@ -68,6 +68,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..core.devices import DTYPES, resolve_device
 from ..core.errors import LLMProbeError
 from ..core.modulemap import ROLES
 from ..core.progress import track
@@ -90,7 +91,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_PRECISIONS = ("fp32", "fp16", "bf16")
 FITS = ("hill", "powerlaw")
-LOAD_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+LOAD_DTYPES = DTYPES
 SPECTRUM_DTYPES = {"fp64": torch.float64, "fp32": torch.float32}
 SPECTRUM_DTYPE_CHOICES = ("auto", *SPECTRUM_DTYPES)
 # Roles whose weights are not decoder-block matrices; left out unless a regex names them.
@@ -218,12 +219,6 @@ def check_load_dtype(load_dtype: str) -> torch.dtype:
     if load_dtype not in LOAD_DTYPES:
         raise LLMProbeError(f"unknown --load-dtype '{load_dtype}'; use one of {', '.join(LOAD_DTYPES)}")
     return LOAD_DTYPES[load_dtype]
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    from ..core.loading import resolve_device as resolve
-
-    return device if isinstance(device, torch.device) else resolve(device)
 
 
 # --------------------------------------------------------------------------- selection
@@ -510,3 +505,33 @@ def alpha_hill_analysis(
     position = {plan.name: index for index, plan in enumerate(plans)}
     rows = sorted(done, key=lambda row: position[row.layer_name])
     return rows, summarize_precisions(rows, precisions)
+
+
+# -- registered analysis (declared in llmprobe.catalog.weights) -------------------------------
+
+RESULTS_TABLE = "precision_alpha_hill_results"
+SUMMARY_TABLE = "precision_summary_statistics"
+
+
+def prepare_job(job):
+    o = job.options
+    job.state["device"] = resolve_device(o.device)
+    job.state["plans"] = select_matrices(job.weights, o.filter)  # an empty selection fails here
+
+
+def alpha_hill_job(job):
+    from ..session import Result
+
+    o = job.options
+    chosen = parse_precisions(o.precisions)
+    rows, summary = alpha_hill_analysis(job.weights, chosen, k_frac=o.k_frac, regex=o.filter,
+                                        device=job.state["device"], load_dtype=o.load_dtype, fit=o.fit,
+                                        spectrum_dtype=o.spectrum_dtype)
+    flagged = {status: sum(row.status == status for row in rows) for status in ("non_finite", "nan_alpha")}
+    result = Result(tables={RESULTS_TABLE: rows, SUMMARY_TABLE: summary},
+                    manifest={"precisions": chosen, "device": str(job.state["device"]),
+                              "matrices": len(job.state["plans"]), "weight_source": job.weights.kind,
+                              "flagged_matrices": {k: v for k, v in flagged.items() if v}})
+    if flagged["non_finite"]:
+        result.notes.append(f"[yellow]{flagged['non_finite']} matrices hold NaN/Inf: status non_finite, alphas NaN[/]")
+    return result

@@ -463,3 +463,45 @@ def embedding_clusters(ws, tensor: str | None = None, max_k: int = DEFAULT_MAX_K
     return cluster_rows(weight, tensor=name, max_k=max_k, fit_sample=fit_sample,
                         silhouette_sample=silhouette_sample, seed=seed, tokenizer=tokenizer,
                         n_representatives=n_representatives, started=started)
+
+
+# -- registered analysis (declared in llmprobe.catalog.weights) -------------------------------
+
+# Rows of these roles are token ids, so their nearest rows can be decoded to text.
+_TOKEN_ROW_ROLES = ("embed", "lm_head")
+
+
+def prepare_job(job):
+    o, ws = job.options, job.weights
+    name, role = find_embedding_tensor(ws, o.tensor)
+    check_max_k(o.max_k, ws.shape(name)[0], o.fit_sample, name)
+    job.state.update(tensor=name, tokenizer=_tokenizer_for(ws, role))
+
+
+def embeddings_job(job):
+    from ..session import Result
+
+    o, ws, name = job.options, job.weights, job.state["tensor"]
+    progress.info(f"clustering {name} {tuple(ws.shape(name))}")
+    result = embedding_clusters(ws, tensor=name, max_k=o.max_k, fit_sample=o.fit_sample,
+                                silhouette_sample=o.silhouette_sample, seed=o.seed, tokenizer=job.state["tokenizer"],
+                                n_representatives=o.representatives)
+    return Result(tables=result.tables(),
+                  documents={"clustering_results": result.clustering_results(),
+                             "cluster_representatives": result.representatives()},
+                  manifest={"tensor": name, "weight_source": ws.kind, "bytes_on_disk": ws.bytes_on_disk()},
+                  data={"embedding": result, "has_tokenizer": job.state["tokenizer"] is not None})
+
+
+def _tokenizer_for(ws, role: str):
+    """The model's tokenizer when the rows are token ids; None (ids only) otherwise or when the
+    model ships no usable tokenizer."""
+    from ..core.loading import load_tokenizer
+
+    if role not in _TOKEN_ROW_ROLES or ws.source is None:
+        return None
+    try:
+        return load_tokenizer(ws.source)
+    except LLMProbeError as exc:
+        progress.info(f"[yellow]no tokenizer, representatives are listed by id only[/]: {exc}")
+        return None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ..core.errors import LLMProbeError
 from ..core.loading import ModelSource, load_config
 from ..core.modulemap import ModuleMap
 from ..core.records import Record
@@ -125,4 +126,40 @@ def layer_census(mmap: ModuleMap, *, roles: Sequence[str] | None = None, layers:
                             input_group=s.input_group, transposed=s.transposed)
                for s in mmap.select(roles=roles or None, layers=layers or None, regex=regex,
                                     include_lm_head=not roles and not layers)]
+    if not linears and (roles or layers or regex):
+        # A selection that matches nothing is a typo, as in every other command: not an
+        # empty table and exit 0.
+        raise LLMProbeError("no linear module matches the given --roles/--layers/--filter")
     return census, linears
+
+
+# -- registered analyses (declared in llmprobe.catalog.model) ---------------------------------
+
+
+def info_job(job):
+    from ..session import Result
+
+    return Result(tables={"model_info": [model_info(job.source)]})
+
+
+def prepare_layers_job(job):
+    """The census is computed before the output folder exists: a selection that matches no
+    module is an error, not an empty table."""
+    from ..core.errors import LLMProbeError
+    from ..core.specs import check_layers_exist
+
+    o = job.options
+    mmap = structure_map(job.source)
+    check_layers_exist(o.layer_list(), mmap.num_layers)
+    census, linears = layer_census(mmap, roles=o.roles, layers=o.layer_list(), regex=o.filter)
+    if not linears:
+        raise LLMProbeError("no linear module matches the given --roles/--layers/--filter")
+    job.state.update(mmap=mmap, census=census, linears=linears)
+
+
+def layers_job(job):
+    from ..session import Result
+
+    mmap = job.state["mmap"]
+    return Result(tables={"module_census": job.state["census"], "linear_modules": job.state["linears"]},
+                  manifest={"layers": mmap.num_layers, "blocks_path": mmap.blocks_path})

@@ -108,3 +108,27 @@ def perplexity(lm: LoadedModel, ids: torch.Tensor, *, seqlen: int, stride: int |
         seqlen=seqlen, stride=stride, windows=len(windows), tokens=tokens, nll_sum=nll_sum, mean_nll=mean,
         ppl=math.exp(mean), bytes=nbytes, bits_per_byte=nll_sum / math.log(2) / max(nbytes, 1),
         dtype=str(lm.dtype).replace("torch.", ""), device=str(lm.device))
+
+
+# -- registered analysis (declared in llmprobe.catalog.eval) ----------------------------------
+
+
+def prepare_job(job):
+    """The window length: given (checked against the model's maximum) or the protocol's default."""
+    seqlen, max_length = job.options.seqlen, job.lm.max_length
+    job.state["seqlen"] = check_seqlen(seqlen, max_length) if seqlen is not None else default_seqlen(max_length)
+
+
+def perplexity_job(job):
+    from ..session import Result
+
+    o = job.options
+    corpus, ids = job.evaluation
+    result = perplexity(job.lm, ids, seqlen=job.state["seqlen"], stride=o.stride, batch_size=o.batch_size,
+                        max_windows=o.max_windows, dataset=corpus.name)
+    from ..core.data import eval_windows_manifest
+
+    windows = eval_windows(ids, job.state["seqlen"], stride=o.stride, max_windows=o.max_windows)
+    return Result(tables={"perplexity": [result]},
+                  manifest={"seqlen": job.state["seqlen"],
+                            "windows": eval_windows_manifest(ids, windows, job.state["seqlen"])})

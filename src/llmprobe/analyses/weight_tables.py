@@ -52,9 +52,9 @@ from ..core import progress, spectral
 from ..core.errors import LLMProbeError
 from ..core.modulemap import ModuleMap
 from ..core.records import Record
+from ..core.specs import KURTOSIS_ESTIMATOR  # noqa: E402  (m4/m2² − 3, population moments)
 from ..core.weightsource import WeightSource, compile_regex, no_match_error
 
-KURTOSIS_ESTIMATOR = "fisher_excess_population"  # m4/m2^2 - 3; scipy kurtosis(fisher=True, bias=True)
 # Elements converted to fp64 at a time: 256K elements = 2 MB per temporary, small enough to stay
 # in cache across the ~8 elementwise passes per chunk (measured 5-8x faster than 32 MB chunks).
 STATS_CHUNK_ELEMENTS = 1 << 18
@@ -642,3 +642,80 @@ def bops_summary(records: Sequence[BopsModule]) -> list[BopsSummary]:
     out += [_bops_total("role", None, role, rows) for role, rows in by_role.items()]
     out.append(_bops_total("model", None, None, records))
     return out
+
+
+# -- registered analyses (declared in llmprobe.catalog.weights) -------------------------------
+
+
+def _source_facts(ws: WeightSource) -> dict:
+    return {"weight_source": ws.kind, "bytes_on_disk": ws.bytes_on_disk()}
+
+
+def prepare_stats_job(job):
+    job.state["names"] = select_tensors(job.weights, job.options.filter)
+
+
+def stats_job(job):
+    from ..session import Result
+
+    o = job.options
+    records = weight_stats(job.weights, zero_tol=o.zero_tol, names=job.state["names"])
+    return Result(tables={"weight_stats": records},
+                  manifest={"tensors": len(job.state["names"]), **_source_facts(job.weights)})
+
+
+def prepare_spectrum_job(job):
+    check_device(job.options.device)
+    job.state["names"] = select_tensors(job.weights, job.options.filter, min_dim=2, max_dim=2, floating_only=True,
+                                        what="2-D weight matrix")
+
+
+def spectrum_job(job):
+    from ..session import Result
+
+    o = job.options
+    records = weight_spectrum(job.weights, rank_rtol=o.rank_rtol, energy=o.energy, device=o.device,
+                              zero_tol=o.zero_tol, names=job.state["names"], created_at=job.started_at)
+    broken = sum(record.status != "ok" for record in records)
+    result = Result(tables={"weight_spectrum": records,
+                            # seed 003's file name and columns, so its notebooks read llmprobe's output unchanged
+                            "transformer_matrix_analysis": seed_matrix_rows(records)},
+                    csv_only=("transformer_matrix_analysis",),
+                    manifest={"matrices": len(job.state["names"]), **_source_facts(job.weights)})
+    if broken:
+        result.manifest["non_finite_matrices"] = broken
+        result.notes.append(f"[yellow]{broken} matrices hold NaN/Inf: status non_finite, spectral columns empty[/]")
+    return result
+
+
+def _module_map_for_shapes(source) -> ModuleMap:
+    """Shapes come from the config alone. A hub model's config is a small download, where opening
+    its weight source would fetch every safetensors shard."""
+    if source.kind == "hub":
+        from ..core.loading import load_config
+
+        return ModuleMap.from_config(load_config(source), trust_remote_code=source.trust_remote_code)
+    return WeightSource.open(source).module_map
+
+
+def prepare_bops_job(job):
+    job.state["module_map"] = _module_map_for_shapes(job.source)  # a bad config fails before any output
+
+
+def bops_job(job):
+    from ..session import Result
+
+    o = job.options
+    records = bops(job.state["module_map"], w_bits=o.w_bits, a_bits=o.a_bits, block_size=o.block_size)
+    summary = bops_summary(records)
+    rows = [row.row() for row in summary]
+    document = {
+        "w_bits": o.w_bits, "a_bits": o.a_bits, "block_size": o.block_size,
+        "definition": ("BOPs per token: in*out*w_bits*a_bits per linear module, plus "
+                       "out*ceil(in/block_size)*16*16 for the fp16 block-scale multiplies when block_size is "
+                       "set; baseline_fp16_bops = in*out*16*16"),
+        "model": next(row for row in rows if row["scope"] == "model"),
+        "layers": [row for row in rows if row["scope"] == "layer"],
+        "roles": [row for row in rows if row["scope"] == "role"],
+    }
+    return Result(tables={"bops": records}, documents={"bops_summary": document}, data={"summary": summary})

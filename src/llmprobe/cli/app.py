@@ -1,36 +1,33 @@
-"""``llmprobe``: the root command, its groups, and the entry point that turns bad input into
-one line on stderr with exit code 2."""
+"""``llmprobe``: the command line, built from the registry of analyses.
+
+Every command is made here from its declaration (:mod:`llmprobe.catalog`): its options become
+Typer options (grouped in help panels), and its body makes one library call,
+:func:`llmprobe.session.execute`, then prints the declared summary. Nothing heavy is imported
+until a command runs, so ``--help`` and ``--version`` are fast.
+"""
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
+import inspect
 import sys
-from typing import Annotated, Optional
+from pathlib import Path
+from typing import Annotated, Any, Optional, Union, get_args, get_origin
 
+import click
 import typer
 
-from .. import __version__
+from .. import __version__, registry
 from ..core import progress
-from ..core.errors import LLMProbeError
+from ..core.errors import LLMProbeError, RunFailed
+from ..options import fields_in_panels, is_argument, is_switch
 
 # Typer vendors click (typer._click) from 0.2x on; older Typer raises plain click's classes.
 try:
     from typer._click.exceptions import ClickException as _TyperClickException
 except ImportError:  # pragma: no cover - older typer
     _TyperClickException = None
-import click as _click
 
-_UsageErrors = tuple(c for c in (_TyperClickException, _click.ClickException) if c is not None)
-
-app = typer.Typer(
-    name="llmprobe",
-    help="Measure what is inside a language model: weights, activations, quantization error, perplexity.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
-)
+_UsageErrors = tuple(c for c in (_TyperClickException, click.ClickException) if c is not None)
 
 
 def _version(value: bool) -> None:
@@ -39,46 +36,110 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
-def root(
+def _root(
     version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
                                                     help="Print the version and exit.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or status lines.")] = False,
 ) -> None:
-    """llmprobe: weight spectra, activation statistics, quantization error and perplexity of LLMs."""
+    """llmprobe: weight spectra, activation statistics, quantization error, robustness and pruning of LLMs."""
     if quiet:
         progress.set_quiet(True)
 
 
-def _not_built(name: str, what: str) -> typer.Typer:
-    group = typer.Typer(help=f"{what} (not built yet: no commands in this version).",
-                        invoke_without_command=True)
-
-    @group.callback()
-    def _callback() -> None:
-        raise LLMProbeError(f"the '{name}' group is not built yet in llmprobe {__version__}")
-
-    return group
-
-
-def _register_groups() -> None:
-    from . import activations, evaluate, model, weights
-
-    app.add_typer(model.app, name="model", help="Model structure: info and layer census.")
-    app.add_typer(evaluate.app, name="eval", help="Evaluation: perplexity.")
-    app.add_typer(weights.app, name="weights", help="Weight analyses (no forward pass): spectra, stats, BOPs.")
-    app.add_typer(activations.app, name="activations",
-                  help="Activation analyses over calibration windows: magnitude, kurtosis, quant error, ...")
-    app.add_typer(_not_built("robustness", "Robustness: ablation, noise, bit flips, super weights"),
-                  name="robustness")
-    app.add_typer(_not_built("prune", "Pruning: magnitude, Wanda, SparseGPT"), name="prune")
-    app.add_typer(_not_built("report", "Reports: HTML + Markdown from result directories"), name="report")
+def _cli_annotation(field) -> Any:
+    """The type Typer parses; constraints and choices are checked by the options model, so a
+    wrong value gets the package's one wording."""
+    annotation = field.annotation
+    optional = False
+    if get_origin(annotation) is Union:
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        optional = len(args) < len(get_args(annotation))
+        annotation = args[0]
+    if get_origin(annotation) is list:
+        annotation = list[str]
+    elif annotation not in (bool, int, float, str, Path):
+        annotation = str
+    return Optional[annotation] if optional else annotation
 
 
-@app.command("schema")
-def schema(name: Annotated[Optional[str], typer.Argument(help="Record name; omit to list them.")] = None) -> None:
-    """Print a record's JSON Schema (or list the record names)."""
+def _parameters(analysis: registry.Analysis) -> list[inspect.Parameter]:
+    params = []
+    for name, field in fields_in_panels(analysis.options):
+        extra = field.json_schema_extra
+        required = field.is_required()
+        default = ... if required else field.default
+        if is_argument(field):
+            option = typer.Argument(help=field.description or "", metavar=extra["flags"][0],
+                                    show_default=not required and default is not None)
+        else:
+            option = typer.Option(*extra["flags"], help=field.description or "", rich_help_panel=extra["panel"],
+                                  hidden=extra.get("hidden", False), show_default=not required and default is not None)
+        if field.annotation is bool and not is_switch(field) and not is_argument(field):
+            option.is_flag = True
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                        annotation=Annotated[_cli_annotation(field), option]))
+    return params
+
+
+def _command(analysis: registry.Analysis):
+    def command(**values: Any) -> None:
+        run_command(analysis, values)
+
+    command.__signature__ = inspect.Signature(_parameters(analysis))
+    command.__name__ = analysis.command.replace("-", "_")
+    command.__doc__ = analysis.help + ("\n\n" + "\n\n".join(analysis.notes) if analysis.notes else "")
+    return command
+
+
+def run_command(analysis: registry.Analysis, values: dict[str, Any]) -> None:
+    """What every command does: one library call, then the declared summary."""
+    from ..session import Session, execute
+
+    options = analysis.options.parse(values)
+    model_values = {k: getattr(options, k) for k in ("model", "revision", "trust_remote_code", "dtype", "device",
+                                                     "device_map") if k in analysis.options.model_fields}
+    if "device" in model_values and "dtype" not in model_values:
+        model_values.pop("device")  # a weight command's --device is where spectra run, not a load option
+    session = Session(**model_values)
+    result = execute(session, analysis, options, argv=sys.argv[1:] if _argv["value"] is None else _argv["value"],
+                     default_out=True)
+    show(analysis, result, options)
+
+
+def show(analysis: registry.Analysis, result, options) -> None:
+    from rich.console import Console
+
+    from . import printers
+
+    as_json = getattr(options, "json_out", False)
+    if as_json:
+        table = analysis.printed_table
+        records = result.tables.get(table, [])
+        if analysis.json_table is None and analysis.summary and analysis.summary[0].where:
+            records = [r for r in records if analysis.summary[0].where(r)]
+        printers.records_json(records)
+        return
+    console = Console(soft_wrap=False)
+    if analysis.printer:
+        registry.resolve(analysis.printer)(result, options, console)
+    for item in analysis.summary:
+        records = result.tables.get(item.table, [])
+        if item.where:
+            records = [r for r in records if item.where(r)]
+        title = item.title(options, result) if callable(item.title) else item.title
+        printers.table(records, title=title, columns=item.columns, limit=item.limit, console=console)
+    for note in result.notes:
+        progress.info(note)
+    if result.out is not None:
+        progress.info(f"[green]wrote[/] {result.out}")
+
+
+def _schema(name: Annotated[Optional[str], typer.Argument(help="Record or analysis name; omit to list them.")]
+            = None) -> None:
+    """Print a record's JSON Schema, or an analysis's options schema (or list both)."""
+    import importlib
     import json
+    import pkgutil
 
     from .. import analyses
     from ..core.records import record_type, record_types
@@ -88,21 +149,49 @@ def schema(name: Annotated[Optional[str], typer.Argument(help="Record name; omit
     if name is None:
         for key in record_types():
             typer.echo(key)
+        for key in registry.analyses():
+            typer.echo(key)
+        return
+    if name in registry.analyses():
+        typer.echo(json.dumps(registry.get(name).options.model_json_schema(), indent=2))
         return
     typer.echo(json.dumps(record_type(name).model_json_schema(), indent=2))
 
 
-_register_groups()
+def build_app() -> typer.Typer:
+    app = typer.Typer(name="llmprobe", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                      rich_markup_mode="rich",
+                      help="Measure what is inside a language model: weights, activations, quantization error, "
+                           "perplexity, robustness, pruning.")
+    app.callback()(_root)
+    groups: dict[str, typer.Typer] = {}
+    for group in registry.groups().values():
+        groups[group.name] = typer.Typer(no_args_is_help=True, help=group.help)
+        app.add_typer(groups[group.name], name=group.name, help=group.help)
+    for analysis in registry.analyses().values():
+        groups[analysis.group].command(analysis.command, help=analysis.help)(_command(analysis))
+    app.command("schema")(_schema)
+    return app
+
+
+_argv: dict[str, Any] = {"value": None}
+_built: dict[str, Any] = {}
+
+
+def _click_command():
+    """The whole command tree, built once per process (in-process callers run many commands)."""
+    if "command" not in _built:
+        _built["command"] = typer.main.get_command(build_app())
+    return _built["command"]
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point."""
-    command = typer.main.get_command(app)
-    if progress.is_quiet():
-        progress.silence_libraries()
+    """Console-script entry point: bad input is one line on stderr and exit code 2."""
+    _argv["value"] = argv
+    command = _click_command()
     try:
         result = command.main(args=argv, prog_name="llmprobe", standalone_mode=False)
-    except LLMProbeError as exc:
+    except (LLMProbeError, RunFailed) as exc:
         print(f"llmprobe: error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except typer.Exit as exc:

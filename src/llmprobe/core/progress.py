@@ -3,6 +3,7 @@ and LLMPROBE_PROGRESS is unset, so logs in CI stay clean)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Iterable, Iterator
@@ -26,8 +27,6 @@ stderr_console = Console(stderr=True)
 
 def set_quiet(quiet: bool) -> None:
     _state["quiet"] = quiet
-    if quiet:
-        silence_libraries()
 
 
 def silence_libraries() -> None:
@@ -76,3 +75,29 @@ def info(message: str) -> None:
     """A status line on stderr, unless quiet (or stderr is not a terminal)."""
     if not is_quiet():
         stderr_console.print(message, highlight=False)
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at emit time (the CLI runs in-process in tests and
+    notebooks, where stderr is swapped between runs)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+def configure_logging(level_name: str, quiet: bool) -> None:
+    """``--log-level`` for llmprobe's own loggers (one stderr handler, installed once).
+    ``--quiet`` raises the level to at least WARNING, like it silences progress bars."""
+    level = getattr(logging, level_name.upper())
+    if quiet:
+        level = max(level, logging.WARNING)
+    root = logging.getLogger("llmprobe")
+    root.setLevel(level)
+    if not any(isinstance(handler, _CurrentStderrHandler) for handler in root.handlers):
+        handler = _CurrentStderrHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)

@@ -155,3 +155,22 @@ def fgmp_figure(modules: Sequence, blocks: Sequence) -> Figure:
 
 
 __all__ = ["quant_error_figure", "top_token_error_figure", "fisher_figure", "fgmp_figure", "token_label"]
+
+
+# -- figure sets of the registered analyses (llmprobe.catalog.activations) ---------------------
+
+
+def quant_error_figures(result, o):
+    return [("quant_error_per_layer", quant_error_figure(result.tables["quant_error"]))]
+
+
+def top_token_error_figures(result, o):
+    return [("top_token_error", top_token_error_figure(result.tables["top_token_error"], o.top_k))]
+
+
+def fisher_figures(result, o):
+    return [("fisher_per_layer", fisher_figure(result.tables["fisher"]))]
+
+
+def fgmp_figures(result, o):
+    return [("fgmp_sensitivity", fgmp_figure(result.tables["fgmp"], result.tables["fgmp_blocks"]))]

@@ -373,3 +373,95 @@ def channel_profile(rows: Sequence, module: str) -> Figure:
     ax.grid(True, alpha=0.3)
     _legend_outside(ax)
     return fig
+
+
+# -- figure sets of the registered analyses (llmprobe.catalog.activations) ---------------------
+
+
+def magnitude_figures(result, o):
+    tables = result.tables
+    value = "max_max_abs" if o.rank_by == "max" else "mean_max_abs"
+    return [
+        ("magnitude_per_layer", layer_lines(tables["magnitude_layers"], {
+            "max over modules": "abs_max", "mean of module max": "module_abs_max_mean",
+            "mean per-window max (LMAnalyser)": "window_abs_max_mean"},
+            title="activation max|x| per layer", ylabel="max|x|")),
+        ("magnitude_per_role", role_bars(tables["magnitude_roles"], {
+            "max": "abs_max", "mean per-window max": "window_abs_max_mean"},
+            title="activation max|x| per role", ylabel="max|x|")),
+        ("magnitude_role_layers", role_layer_lines(tables["magnitude_modules"], "abs_max",
+                                                   title="activation max|x| per role and layer", ylabel="max|x|")),
+        ("magnitude_top_tokens", token_bar_panels(group_token_rows(tables["magnitude_tokens"], "scope", value),
+                                                  title=f"top tokens by {o.rank_by} of max|x|",
+                                                  xlabel=f"{o.rank_by} max|x|")),
+    ]
+
+
+def kurtosis_figures(result, o):
+    tables = result.tables
+    return [
+        ("kurtosis_per_layer", layer_lines(tables["kurtosis_layers"], {
+            "per-window, mean over windows (LMAnalyser)": "kurtosis_window_mean",
+            "pooled over windows": "kurtosis_pooled_mean"},
+            title="excess kurtosis per layer (mean over modules)", ylabel="excess kurtosis")),
+        ("kurtosis_per_role", role_bars(tables["kurtosis_roles"], {
+            "per-window mean": "kurtosis_window_mean", "pooled": "kurtosis_pooled_mean"},
+            title="excess kurtosis per role", ylabel="excess kurtosis")),
+        ("kurtosis_role_layers", role_layer_lines(
+            tables["kurtosis_modules"], "kurtosis_window_mean",
+            title="excess kurtosis (per-window mean) per role and layer", ylabel="excess kurtosis")),
+    ]
+
+
+def token_kurtosis_figures(result, o):
+    rows = result.tables["token_kurtosis"]
+    return [
+        ("token_kurtosis_by_role", token_bar_panels(
+            group_token_rows([r for r in rows if r.scope == "role"], "role", "mean_kurtosis"),
+            title="top tokens by mean excess kurtosis, per role", xlabel="mean excess kurtosis")),
+        ("token_kurtosis_by_layer", token_bar_panels(
+            group_token_rows([r for r in rows if r.scope == "layer"], lambda r: f"layer {r.layer}", "mean_kurtosis"),
+            title="top tokens by mean excess kurtosis, per layer", xlabel="mean excess kurtosis")),
+    ]
+
+
+def down_proj_spikes_figures(result, o):
+    value = "max_max_abs" if o.rank_by == "max" else "mean_max_abs"
+    return [("down_proj_spikes", token_bar_panels(
+        group_token_rows(result.tables["down_proj_spikes"], lambda r: f"layer {r.layer}", value),
+        title=f"down projection: top tokens by {o.rank_by} max|x|", xlabel=f"{o.rank_by} max|x|"))]
+
+
+def token_occurrence_figures(result, o):
+    summary = result.tables["token_occurrence_summary"][0]
+    return [("token_occurrence", occurrence_curves(result.tables["token_occurrence_roles"], summary.target))]
+
+
+def prompt_figures(result, o):
+    from ..core.specs import parse_layers
+
+    rows = result.tables["prompt_tokens"]
+    return [("prompt_heatmap", prompt_heatmap(rows, o.text)),
+            ("prompt_lines", prompt_lines(rows, parse_layers(o.plot_layers, "--plot-layers")))]
+
+
+def max_median_figures(result, o):
+    tables = result.tables
+    return [
+        ("max_median_per_layer", layer_lines(
+            tables["max_median_layers"], {"max / median": "ratio"},
+            title="max-to-median ratio of token scales per layer (QFeP)", ylabel="max(S) / median(S)")),
+        ("max_median_role_layers", role_layer_lines(
+            tables["max_median_modules"], "ratio", title="max-to-median ratio per role and layer (QFeP)",
+            ylabel="max(S) / median(S)")),
+    ]
+
+
+def norms_figures(result, o):
+    summaries = result.tables["norms_modules"]
+    figures = [("norms_outlier_ratio", role_layer_lines(
+        summaries, "outlier_ratio", title="outlier channel ratio max|x| / median channel max|x|", ylabel="ratio"))]
+    if summaries:
+        worst = max(summaries, key=lambda r: r.abs_max if r.abs_max == r.abs_max else -1.0)
+        figures.append(("norms_channel_profile", channel_profile(result.tables["norms_channels"], worst.module)))
+    return figures

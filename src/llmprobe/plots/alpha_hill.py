@@ -13,6 +13,7 @@ usually fp32), where the differences are visible.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator, Sequence
 
 import matplotlib
@@ -223,3 +224,32 @@ def alpha_vs_depth_figures(rows: Sequence[dict], precisions: Sequence[str],
         axes[-1].set_xlabel("layer index")
         axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
         yield category, figure
+
+
+# -- the figure set of weights alpha-hill (llmprobe.catalog.weights) ---------------------------
+
+
+def _file_part(name: str) -> str:
+    """``model.layers.0.self_attn.q_proj.weight`` -> ``model_layers_0_self_attn_q_proj`` (seed 001)."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", str(name).removesuffix(".weight")).strip("_") or "matrix"
+
+
+def alpha_hill_figures(result, o):
+    """Seed 001's figure set under ``plots/``, plus alpha against depth per category; the
+    one-bar-chart-per-matrix set only with ``--individual-plots``."""
+    rows = [row.row() for row in result.tables["precision_alpha_hill_results"]]
+    precisions = result.manifest["precisions"]
+    label = "Alpha-Hill" if o.fit == "hill" else "alpha (power-law fit)"
+    yield "plots/alpha_distribution_by_precision", alpha_distribution_figure(rows, precisions, label)
+    for category, figure in category_figures(rows, precisions, label):
+        yield f"plots/category_{_file_part(category)}", figure
+    for number, figure in combined_batch_figures(rows, precisions, label, o.max_layers_per_plot):
+        yield f"plots/combined_batch_{number}", figure
+    for category, figure in alpha_vs_depth_figures(rows, precisions, label):
+        yield f"plots/alpha_vs_depth_{_file_part(category)}", figure
+    if o.individual_plots:
+        # Hundreds of per-layer figures share one fixed layout: skip the tight bounding box (a
+        # second full draw) and keep the figure open for the next matrix.
+        for (number, figure), row in zip(individual_layer_figures(rows, precisions, label), rows):
+            yield (f"plots/individual_layers/layer_{number:03d}_{_file_part(row['layer_name'])}", figure,
+                   {"dpi": 90, "tight": False, "close": False})

@@ -94,3 +94,12 @@ def cluster_sizes(clusters: Sequence, *, title: str = "cluster sizes") -> Figure
     ax.grid(True, axis="y", alpha=0.3)
     ax.set_title(title, fontsize=10)
     return fig
+
+
+def embedding_figures(result, o):
+    """F against k, and the cluster sizes (llmprobe.catalog.weights)."""
+    embedding = result.data["embedding"]
+    name = embedding.summary.tensor
+    return [("anova_curve", f_curve(embedding.scan, title=f"{name}: variance-ratio F vs k")),
+            ("cluster_sizes", cluster_sizes(embedding.clusters,
+                                            title=f"{name}: cluster sizes (k = {embedding.summary.chosen_k})"))]

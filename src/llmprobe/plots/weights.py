@@ -168,3 +168,18 @@ def bops_figure(modules: Sequence, summary: Sequence) -> Figure:
 
 
 __all__ = ["bops_figure", "spectrum_figure", "stats_figure"]
+
+
+# -- figure sets of the registered analyses (llmprobe.catalog.weights) -------------------------
+
+
+def stats_figures(result, o):
+    return [("weight_stats", stats_figure(result.tables["weight_stats"]))]
+
+
+def spectrum_figures(result, o):
+    return [("weight_spectrum", spectrum_figure(result.tables["weight_spectrum"]))]
+
+
+def bops_figures(result, o):
+    return [("bops", bops_figure(result.tables["bops"], result.data["summary"]))]
