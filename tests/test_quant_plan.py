@@ -587,3 +587,56 @@ def test_eval_entry_point_uniform_and_random():
     (r,) = qp.eval_plans(lm, ids, random=True, avg_bits=4, seed=2, group_size=16, seqlen=SEQLEN)["quant_eval"]
     assert r.kind == "random" and r.avg_bits <= 4
     assert state_bytes(lm.model) == before
+
+
+# -- CLI and llmprobe.run (through the registry) -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from tiny import save_tiny_model_dir
+
+    return save_tiny_model_dir("llama", tmp_path_factory.mktemp("tiny-llama"))
+
+
+def test_cli_plan_then_eval_sweep(tiny_dir, tmp_path, wikitext_path):
+    from conftest import run_cli
+
+    plan_out = tmp_path / "plan"
+    result = run_cli("quant", "plan", "--model", str(tiny_dir), "--avg-bits", "4.5", "--group-size", "16",
+                     "--dataset", str(wikitext_path), "--nsamples", "2", "--seqlen", "16", "--keep",
+                     "layers.0.mlp.down_proj=int8", "--out", str(plan_out), "--plot")
+    assert result.code == 0, result
+    doc = json.loads((plan_out / "quant_plan.json").read_text())
+    assert doc["plan_bits"] <= doc["budget_bits"]
+    assert yaml.safe_load((plan_out / "recipe.yaml").read_text())["quant_stage"]
+    assert (plan_out / "quant_plan.csv").is_file() and (plan_out / "quant_plan_formats.png").is_file()
+    eval_out = tmp_path / "eval"
+    result = run_cli("quant", "eval", "--model", str(tiny_dir), "--plan", str(plan_out / "quant_plan.json"),
+                     "--sweep", "--budgets", "4.5", "--seeds", "0", "--dataset", str(wikitext_path), "--seqlen", "16",
+                     "--max-windows", "2", "--out", str(eval_out), "--plot")
+    assert result.code == 0, result
+    assert (eval_out / "quant_sweep.csv").is_file() and (eval_out / "quant_sweep.png").is_file()
+
+
+def test_run_api_uniform(tiny_dir, wikitext_path):
+    import llmprobe
+
+    result = llmprobe.run("quant.eval", model=str(tiny_dir), uniform="8", group_size=16,
+                          dataset=str(wikitext_path), seqlen=16, max_windows=2)
+    (row,) = result["quant_eval"]
+    assert row.kind == "uniform" and row.kl_mean < 1e-2
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["quant", "plan", "--avg-bits", "x"], "--avg-bits"),
+    (["quant", "plan", "--avg-bits", "3", "--candidates", "2,int5x"], "unknown format"),
+    (["quant", "plan", "--avg-bits", "2", "--group-size", "16", "--nsamples", "2", "--seqlen", "16"], "below"),
+    (["quant", "eval", "--uniform", "4", "--random"], "exactly one of"),
+    (["quant", "eval", "--uniform", "int99"], "integer width"),
+])
+def test_cli_bad_input_one_line(tiny_dir, wikitext_path, args, needle, tmp_path):
+    from conftest import assert_one_line_error, run_cli
+
+    result = run_cli(*args, "--model", str(tiny_dir), "--dataset", str(wikitext_path), "--out", str(tmp_path / "o"))
+    assert_one_line_error(result, needle)

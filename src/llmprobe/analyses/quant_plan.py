@@ -1076,3 +1076,35 @@ def eval_plans(lm: LoadedModel, ids: torch.Tensor, *, plan_path=None, uniform: s
         chosen_plan = random_plan(sites, formats, scheme, avg_bits=avg_bits, seed=seed)
     return evaluate(lm, ids, [chosen_plan], seqlen=seqlen, max_windows=max_windows, batch_size=batch_size,
                     reference_cache_mb=reference_cache_mb)
+
+
+# -- job adapters (llmprobe.catalog.quant) -----------------------------------------------------
+
+
+def plan_job(job):
+    from ..core.output import atomic_write_text
+    from ..session import Result
+
+    o = job.options
+    out = plan(job.calibration, avg_bits=o.avg_bits, candidates=o.candidates, group_size=o.group_size,
+               symmetric=o.symmetric, metric=o.metric, keep=o.keep or (), fisher_weighted=o.fisher_weighted,
+               layers_per_pass=o.layers_per_pass, batch_size=o.batch_size, solver=o.solver)
+    if job.run is not None:
+        atomic_write_text(job.run.path("recipe.yaml"), out.documents["recipe"])
+    return Result(tables=out.tables, documents={"quant_plan": out.documents["quant_plan"]},
+                  notes=plan_summary_lines(out.tables)[2:], data={"recipe": out.documents["recipe"]})
+
+
+def eval_job(job):
+    from ..session import Result
+
+    o = job.options
+    _, ids = job.evaluation
+    seeds = [int(s) for s in str(o.seeds).split(",") if s.strip()] if o.seeds else []
+    tables = eval_plans(job.lm, ids, plan_path=o.plan, uniform=o.uniform, random=o.random, avg_bits=o.avg_bits,
+                        seed=o.seed, candidates=o.candidates, group_size=o.group_size, symmetric=o.symmetric,
+                        roles=o.roles, layers=o.layer_list(), regex=o.filter, sweep_budgets_=o.budgets,
+                        do_sweep=o.sweep, seeds=seeds, seqlen=o.seqlen, max_windows=o.max_windows,
+                        batch_size=o.batch_size, reference_cache_mb=o.reference_cache_mb)
+    rows = next(iter(tables.values()))
+    return Result(tables=tables, notes=eval_summary_lines(rows))

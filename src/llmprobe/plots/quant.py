@@ -111,3 +111,11 @@ def sweep_figures(tables: dict[str, Sequence]) -> Figures:
     fig.suptitle("mixed-precision plan vs uniform and random plans of the same size", fontsize=10)
     fig.tight_layout()
     return [("quant_sweep", fig)]
+
+
+def plan_result_figures(result, options) -> Figures:
+    return plan_figures(result.tables)
+
+
+def eval_result_figures(result, options) -> Figures:
+    return sweep_figures(result.tables)
