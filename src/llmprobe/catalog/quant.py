@@ -81,8 +81,7 @@ register(Analysis(
     compute=f"{QP}:plan_job",
     figures=f"{PLOTS}:plan_result_figures",
     summary=(Show("quant_plan_summary", _plan_title,
-                  ("modules", "params", "budget_bits", "plan_bits", "plan_avg_bits", "total_sensitivity",
-                   "lower_bound", "solver", "formats")),),
+                  ("modules", "plan_avg_bits", "total_sensitivity", "solver", "formats")),),
     json_table="quant_plan",
 ))
 
