@@ -220,14 +220,14 @@ def out_dir_for(session: Session, analysis: registry.Analysis, options: Options)
 def execute(session: Session, analysis: registry.Analysis, options: Options, *,
             argv: Sequence[str] | None = None, default_out: bool = False) -> Result:
     """Validate what needs data, open the output, compute, write tables/figures/manifest."""
-    from .core.output import RunOutput, check_out_target, default_out_dir
-
     if getattr(options, "quiet", False):
         progress.set_quiet(True)
     if progress.is_quiet():  # transformers' own bars and warnings go too (imported only now)
         progress.silence_libraries()
     if getattr(options, "log_level", None):
         progress.configure_logging(options.log_level, getattr(options, "quiet", False))
+    from .core.output import RunOutput, check_out_target, default_out_dir  # pandas: after the quiet switch
+
     out = out_dir_for(session, analysis, options)
     if out is None and default_out and analysis.writes_by_default:
         out = default_out_dir(session.source.slug, analysis.group, analysis.command)

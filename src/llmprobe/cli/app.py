@@ -100,6 +100,10 @@ def _command(analysis: registry.Analysis):
 
 def run_command(analysis: registry.Analysis, values: dict[str, Any]) -> None:
     """What every command does: one library call, then the declared summary."""
+    # The first line a user sees comes before the heavy imports (torch, transformers: seconds),
+    # which may already happen while the options are checked.
+    if not values.get("quiet"):
+        progress.info(f"[bold]{analysis.group} {analysis.command}[/]: starting ...")
     from ..session import Session, execute
 
     options = analysis.options.parse(values)
