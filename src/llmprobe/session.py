@@ -302,15 +302,11 @@ def ids_sha256(ids) -> str:
 
 def write_figures(run, figures, fmt: str) -> None:
     """Save (stem, figure) pairs; a list of figures under one stem becomes stem_1, stem_2, ...
-    A third element, a dict, passes save options (dpi, tight, close)."""
-    for item in progress.track(figures, "figures"):
-        stem, figure, *extra = item
-        kwargs = extra[0] if extra else {}
-        if isinstance(figure, list):
-            for i, fig in enumerate(figure, start=1):
-                run.save_figure(fig, stem if len(figure) == 1 else f"{stem}_{i}", fmt, **kwargs)
-        else:
-            run.save_figure(figure, stem, fmt, **kwargs)
+    A third element, a dict, passes save options (dpi, tight, close). Figures described as data
+    (:class:`llmprobe.core.figures.Deferred`) are drawn in worker processes when there are many."""
+    from .core.figures import write_figures as write
+
+    write(run, figures, fmt)
 
 
 def _now() -> str:

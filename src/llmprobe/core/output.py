@@ -177,25 +177,22 @@ class RunOutput:
         self._register(path)
         return path
 
-    def save_figure(self, fig, name: str, fmt: str = "png", dpi: int = 120, *, tight: bool = True,
+    def register(self, relative: str) -> None:
+        """Record a file written into the run directory by someone else (a figure worker)."""
+        self._register(self.dir / relative)
+
+    def save_figure(self, fig, name: str, fmt: str = "png", dpi: int = 120, *, tight: bool | None = None,
                     close: bool = True) -> Path:
         """Save a matplotlib figure atomically as ``name.<fmt>``.
 
-        ``tight=False`` skips the tight bounding box (a second full draw) for figures whose
-        layout is fixed; ``close=False`` keeps the figure open for reuse.
+        ``tight=None`` crops to the tight bounding box only for figures without a layout engine
+        (constrained layout already fits; the crop is a second full draw); ``close=False``
+        keeps the figure open for reuse.
         """
-        import io
-
-        import matplotlib.pyplot as plt
+        from .figures import save_figure_file
 
         path = self.path(f"{name}.{fmt}")
-        buffer = io.BytesIO()
-        try:
-            fig.savefig(buffer, format=fmt, dpi=dpi, bbox_inches="tight" if tight else None)
-        finally:
-            if close:
-                plt.close(fig)
-        atomic_write_bytes(path, buffer.getvalue())
+        save_figure_file(fig, self.dir, name, fmt, dpi=dpi, tight=tight, close=close)
         self._register(path)
         return path
 
