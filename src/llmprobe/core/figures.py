@@ -97,7 +97,7 @@ def _close(fig) -> None:
 
 def save_figure_file(fig, directory: Path, stem: str, fmt: str, **options: Any) -> str:
     """Render ``fig`` to ``directory/stem.fmt`` atomically; returns the path relative to ``directory``."""
-    from .output import atomic_write_bytes
+    from .files import atomic_write_bytes
 
     data = render_figure(fig, fmt, **options)
     atomic_write_bytes(Path(directory) / f"{stem}.{fmt}", data)

@@ -11,22 +11,21 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-import os
 import platform
 import re
 import shutil
 import sys
-import tempfile
 from collections.abc import Iterable, Sequence
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from .errors import LLMProbeError
+from .files import atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported: the writers live there)
 from .records import Record
+
+if TYPE_CHECKING:  # pandas is imported when a table is written (figure workers never need it)
+    import pandas as pd
 
 _LIBRARIES = ("torch", "transformers", "accelerate", "safetensors", "gguf", "numpy", "scipy", "pandas",
               "pydantic", "typer", "rich", "matplotlib", "scikit-learn")
@@ -36,23 +35,6 @@ def slugify(text: str) -> str:
     """A file-system-safe name for a model id or path."""
     base = text.rstrip("/").split("/")[-2:] if "/" in text else [text]
     return re.sub(r"[^A-Za-z0-9._-]+", "-", "--".join(base)).strip("-") or "model"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _json_safe(value: Any) -> Any:
@@ -71,6 +53,8 @@ def dumps_json(obj: Any) -> str:
 
 
 def records_to_frame(records: Sequence[Record]) -> pd.DataFrame:
+    import pandas as pd
+
     rows = [r.row() for r in records]
     if not rows:
         return pd.DataFrame()
@@ -83,6 +67,8 @@ def records_to_frame(records: Sequence[Record]) -> pd.DataFrame:
 
 
 def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
     found = {}
     for name in _LIBRARIES:
         try:
