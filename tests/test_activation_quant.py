@@ -475,7 +475,7 @@ def _complete(out):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "complete"
     assert manifest["nsamples"] == 2 and manifest["seqlen"] == 64
-    assert manifest["dataset"]["sha256"]
+    assert manifest["dataset"]["text_sha256"]
     return manifest
 
 

@@ -593,7 +593,7 @@ def test_cli_magnitude(cli, wikitext_path, tmp_path, embedded):
         _png_ok(out / f"{figure}.png")
     layers = json.loads((out / "magnitude_layers.json").read_text())
     assert [row["layer"] for row in layers] == list(range(30))
-    assert manifest["nsamples"] == 2 and manifest["seqlen"] == 48 and manifest["dataset"]["sha256"]
+    assert manifest["nsamples"] == 2 and manifest["seqlen"] == 48 and manifest["dataset"]["text_sha256"]
     assert "max|x| per layer" in result.stdout
 
 

@@ -14,7 +14,7 @@ from conftest import WIKITEXT, assert_one_line_error, run_cli
 from tiny import save_tiny_model_dir
 
 from llmprobe import registry
-from llmprobe.options import flag_of
+from llmprobe.options import flag_of, is_argument
 
 
 def _invalid_values(field):
@@ -44,7 +44,8 @@ def _required_values(analysis) -> list[str]:
     args = []
     for name, field in analysis.options.model_fields.items():
         if field.is_required():
-            args += [flag_of(field), {"target_token": "the", "text": "The quick brown fox"}.get(name, "x")]
+            value = {"target_token": "the", "text": "The quick brown fox"}.get(name, "x")
+            args += [value] if is_argument(field) else [flag_of(field), value]
     return args
 
 
@@ -111,7 +112,7 @@ def test_the_registry_covers_every_command_and_declares_help():
         assert analysis.help and analysis.compute
         for name, field in analysis.options.model_fields.items():
             assert field.description, f"{analysis.name}: option {name} has no help"
-            assert field.json_schema_extra["flags"][0].startswith("--"), name
+            assert field.json_schema_extra.get("argument") or field.json_schema_extra["flags"][0].startswith("--"), name
 
 
 def _tables(folder):
@@ -191,3 +192,12 @@ def test_help_groups_options_in_panels():
     out = run_cli("activations", "kurtosis", "--help").stdout
     for panel in ("Analysis", "Data", "Model", "Output"):
         assert panel in out
+
+
+def test_docs_option_tables_are_generated_from_the_declarations():
+    from conftest import ROOT
+
+    from llmprobe.cli.docs import options_markdown
+
+    assert (ROOT / "docs" / "options.md").read_text() == options_markdown(), \
+        "docs/options.md is stale: run `python -m llmprobe.cli.docs > docs/options.md`"

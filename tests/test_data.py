@@ -260,17 +260,16 @@ def test_json_text_of_wrong_type(tmp_path):
 # hub paths (offline)
 
 
-def _offline_download(**kwargs):
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    raise LocalEntryNotFoundError("cannot find the requested files in the local cache")
+def _offline_load_dataset(*args, **kwargs):
+    # What datasets raises offline with nothing cached.
+    raise ConnectionError("Couldn't reach 'Salesforce/wikitext' on the Hub (LocalEntryNotFoundError)")
 
 
 @pytest.mark.parametrize("name, hint", [("wikitext2", "wiki.test.raw"), ("c4", "c4-validation")])
 def test_hub_offline_is_one_clear_line(monkeypatch, name, hint):
-    import huggingface_hub
+    import datasets
 
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", _offline_download)
+    monkeypatch.setattr(datasets, "load_dataset", _offline_load_dataset)
     with pytest.raises(LLMProbeError) as info:
         load_corpus(name)
     message = str(info.value)
@@ -278,46 +277,75 @@ def test_hub_offline_is_one_clear_line(monkeypatch, name, hint):
     assert "--dataset" in message and hint in message and "online" in message
 
 
-def test_hub_offline_real_download_path(monkeypatch, tmp_path):
-    # The real hf_hub_download in offline mode with an empty cache: no network is touched.
+def test_hub_offline_real_datasets_path(monkeypatch, tmp_path):
+    # The real datasets.load_dataset in offline mode with empty caches: no network is touched.
+    import datasets
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    monkeypatch.setattr(datasets.config, "HF_MODULES_CACHE", tmp_path / "modules")
     with pytest.raises(LLMProbeError, match="local file"):
         load_corpus("wikitext2", purpose="calibration")
 
 
-def test_hub_files_requested(monkeypatch, tmp_path):
-    # What the hub readers ask for, and how they parse it, with a fake download.
-    parquet = tmp_path / "w.parquet"
-    pd.DataFrame({"text": ["", " = A = \n", " body \n"]}).to_parquet(parquet)
-    c4 = tmp_path / "c4.json.gz"
-    with gzip.open(c4, "wt", encoding="utf-8") as handle:
-        for i in range(data.C4_MAX_ROWS["eval"] + 5):
-            handle.write(json.dumps({"text": f"doc {i}", "timestamp": "t", "url": "u"}) + "\n")
+class _FakeDataset:
+    """The part of a datasets.Dataset the corpus reader uses."""
+
+    def __init__(self, rows):
+        self.rows = list(rows)
+        self.column_names = ["text", "url"]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def select(self, indices):
+        return _FakeDataset([self.rows[i] for i in indices])
+
+    def __getitem__(self, column):
+        assert column == "text"
+        return self.rows
+
+
+def test_hub_datasets_requested(monkeypatch):
+    # What the hub readers ask datasets.load_dataset for, and how they read it.
     calls = []
 
-    def fake_download(repo_id, filename, repo_type):
-        calls.append((repo_id, filename, repo_type))
-        return str(parquet if filename.endswith(".parquet") else c4)
+    def fake_load_dataset(path, name=None, data_files=None, split=None):
+        calls.append((path, name, data_files, split))
+        if path == "Salesforce/wikitext":
+            return _FakeDataset(["", " = A = \n", " body \n"])
+        return _FakeDataset([f"doc {i}" for i in range(data.C4_MAX_ROWS["eval"] + 5)])
 
-    import huggingface_hub
+    import datasets
 
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     wiki = load_corpus("wikitext2")
     assert (wiki.name, wiki.split, wiki.rows) == ("wikitext2", "test", ["", " = A = \n", " body \n"])
+    assert wiki.file_sha256 is None and wiki.source["config"] == "wikitext-2-raw-v1"
     assert load_corpus("wikitext2", purpose="calibration").split == "train"
     c4_eval = load_corpus("c4")
     assert (c4_eval.name, c4_eval.split) == ("c4", "validation")
-    assert len(c4_eval.rows) == data.C4_MAX_ROWS["eval"]
+    assert c4_eval.rows == [f"doc {i}" for i in range(data.C4_MAX_ROWS["eval"])]
     assert load_corpus("c4", purpose="calibration").split == "train"
     assert calls == [
-        ("Salesforce/wikitext", "wikitext-2-raw-v1/test-00000-of-00001.parquet", "dataset"),
-        ("Salesforce/wikitext", "wikitext-2-raw-v1/train-00000-of-00001.parquet", "dataset"),
-        ("allenai/c4", "en/c4-validation.00000-of-00008.json.gz", "dataset"),
-        ("allenai/c4", "en/c4-train.00000-of-01024.json.gz", "dataset"),
+        ("Salesforce/wikitext", "wikitext-2-raw-v1", None, "test"),
+        ("Salesforce/wikitext", "wikitext-2-raw-v1", None, "train"),
+        ("allenai/c4", None, {"validation": "en/c4-validation.00000-of-00008.json.gz"}, "validation"),
+        ("allenai/c4", None, {"train": "en/c4-train.00000-of-01024.json.gz"}, "train"),
     ]
+
+
+def test_hub_dataset_without_text_column(monkeypatch):
+    import datasets
+
+    fake = _FakeDataset(["x"])
+    fake.column_names = ["content"]
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: fake)
+    with pytest.raises(LLMProbeError, match="no 'text' column"):
+        load_corpus("c4")
 
 
 # ------------------------------------------------------------------------------------------

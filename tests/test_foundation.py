@@ -194,6 +194,16 @@ def test_existing_out_needs_overwrite(cli, tmp_path, llama_dir):
     out = tmp_path / "layers"
     assert cli("model", "layers", "--model", llama_dir, "--out", out).code == 0
     assert_one_line_error(cli("model", "layers", "--model", llama_dir, "--out", out), "--overwrite")
+    # A file llmprobe did not write makes the folder foreign: refused even with --overwrite.
+    (out / "notes.txt").write_text("mine")
+    assert_one_line_error(cli("model", "layers", "--model", llama_dir, "--out", out, "--overwrite"),
+                          "did not write", "notes.txt")
+    assert (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
+    # A table of the earlier run (listed in its manifest) does not survive the replacement.
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["files"].append("stale.csv")
+    (out / "manifest.json").write_text(json.dumps(manifest))
     (out / "stale.csv").write_text("old")
     assert cli("model", "layers", "--model", llama_dir, "--out", out, "--overwrite").code == 0
     assert not (out / "stale.csv").exists()

@@ -31,15 +31,19 @@ MODEL, DATA, ANALYSIS, OUTPUT = "Model", "Data", "Analysis", "Output"
 
 
 def option(default: Any, *flags: str, help: str, panel: str = ANALYSIS, ge=None, gt=None, le=None, lt=None,
-           choices: Sequence[str] | None = None, check: str | None = None, hidden: bool = False) -> Any:
+           choices: Sequence[str] | None = None, check: str | None = None, hidden: bool = False,
+           argument: bool = False) -> Any:
     """A declared option.
 
     ``flags``: the CLI spellings, the first is the canonical one (``--symmetric/--asymmetric``
     declares a switch pair); ``ge/gt/le/lt``: numeric bounds; ``choices``: the allowed strings;
     ``check``: 'regex' (must compile), 'layers' (a layer list such as '0-3,8') or
-    'layers_or_all' (the same, or the word 'all').
+    'layers_or_all' (the same, or the word 'all'). ``argument=True``: a positional argument
+    (its one "flag" is the metavar shown in help, e.g. "DIRS").
     """
     extra: dict[str, Any] = {"flags": list(flags), "panel": panel}
+    if argument:
+        extra["argument"] = True
     if ge is not None:
         extra["minimum"] = ge
     if gt is not None:
@@ -60,6 +64,10 @@ def option(default: Any, *flags: str, help: str, panel: str = ANALYSIS, ge=None,
 def flag_of(field) -> str:
     """The canonical CLI spelling of a field (first flag, first half of a switch pair)."""
     return field.json_schema_extra["flags"][0].split("/")[0]
+
+
+def is_argument(field) -> bool:
+    return bool((field.json_schema_extra or {}).get("argument"))
 
 
 def _type_name(annotation) -> str:
@@ -94,6 +102,10 @@ def check_constraints(name: str, field, value: Any) -> None:
         compile_regex(value, flag)
     elif check == "layers" or (check == "layers_or_all" and str(value).strip().lower() != "all"):
         parse_layers(value, flag)
+    elif check == "device":
+        from .core.devices import resolve_device  # imports torch: only when a command runs
+
+        resolve_device(value, flag=flag)
 
 
 class Options(BaseModel):
@@ -155,7 +167,7 @@ DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")
 class RuntimeOptions(ModelOptions):
     dtype: str = option("auto", "--dtype", panel=MODEL, choices=DTYPE_CHOICES,
                         help="auto|fp32|fp16|bf16 (auto: fp32 on CPU).")
-    device: str = option("auto", "--device", panel=MODEL, help="auto|cpu|cuda|cuda:N.")
+    device: str = option("auto", "--device", panel=MODEL, check="device", help="auto|cpu|cuda|cuda:N.")
 
 
 class DeviceMapOptions(RuntimeOptions):

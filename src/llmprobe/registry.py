@@ -59,6 +59,7 @@ class Analysis:
     printer: str | None = None                  # "module:function"(result, options, console): custom summary
     json_table: str | None = None               # table printed by --json (default: the first Show's)
     writes_by_default: bool = True              # False: writes only when --out is given (model info)
+    shares_pass: bool = False                   # its collection pass can be folded with others (report run)
     notes: tuple[str, ...] = field(default=())  # extra lines for --help
 
     def __post_init__(self):

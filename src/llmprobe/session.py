@@ -14,7 +14,6 @@ options writes the same folder as the command.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -56,6 +55,8 @@ class Job:
     analysis: registry.Analysis
     started_at: str = ""
     state: dict[str, Any] = field(default_factory=dict)
+    run_dir: Path | None = None        # the folder this run writes into (None: nothing is written)
+    run: Any = None                    # its RunOutput (None: nothing is written)
 
     # Shortcuts to what the session opens (once) for this job.
     @property
@@ -167,13 +168,13 @@ class Session:
             return prepare(self.lm, windows=windows, **selection)
         key = (options.dataset, options.nsamples, options.seqlen, options.seed)
         if key in self._windows:
-            ids, corpus = self._windows[key]
+            ids, corpus, window_info = self._windows[key]
             calib = prepare(self.lm, windows=ids, **selection)
-            calib.corpus = corpus
+            calib.corpus, calib.window_info = corpus, window_info
             return calib
         calib = prepare(self.lm, dataset=options.dataset, nsamples=options.nsamples, seqlen=options.seqlen,
                         seed=options.seed, **selection)
-        self._windows[key] = (calib.windows, calib.corpus)
+        self._windows[key] = (calib.windows, calib.corpus, calib.window_info)
         return calib
 
     # -- running analyses ---------------------------------------------------------------------
@@ -212,9 +213,7 @@ def _layer_list(options) -> list[int] | None:
 
 def out_dir_for(session: Session, analysis: registry.Analysis, options: Options) -> Path | None:
     out = getattr(options, "out", None)
-    if out is not None:
-        return Path(str(out)).expanduser()
-    return None
+    return None if out is None else Path(str(out))
 
 
 def execute(session: Session, analysis: registry.Analysis, options: Options, *,
@@ -233,7 +232,7 @@ def execute(session: Session, analysis: registry.Analysis, options: Options, *,
         out = default_out_dir(session.source.slug, analysis.group, analysis.command)
     overwrite = bool(getattr(options, "overwrite", False))
     if out is not None:  # refused before any model is loaded or any file is touched
-        check_out_target(out, overwrite)
+        out = check_out_target(out, overwrite, model_path=session.model_options["model"])
     job = Job(session, options, analysis)
     # Everything the analysis needs is opened (and checked) before the output folder exists.
     for need in analysis.needs:
@@ -255,11 +254,12 @@ def execute(session: Session, analysis: registry.Analysis, options: Options, *,
         result = compute(job)
         result.analysis = analysis.name
         return result
-    with RunOutput(out, command=f"{analysis.group} {analysis.command}", overwrite=overwrite, argv=argv) as run:
+    with RunOutput(out, command=f"{analysis.group} {analysis.command}", overwrite=overwrite, argv=argv,
+                   model_path=session.model_options["model"]) as run:
         run.update(**run_manifest(session, job))
-        job.started_at = run.manifest["started_at"]
+        job.started_at, job.run_dir, job.run = run.manifest["started_at"], run.dir, run
         result = compute(job)
-        result.analysis, result.out = analysis.name, run.dir
+        result.analysis, result.out = analysis.name, run.target
         for table, records in result.tables.items():
             run.write_table(table, records, json_too=table not in result.csv_only)
         for name, document in result.documents.items():
@@ -282,22 +282,13 @@ def run_manifest(session: Session, job: Job) -> dict[str, Any]:
                      model_class=type(lm.model).__name__)
     facts["model"] = model
     if "calibration" in job.state:
-        calib = job.state["calibration"]
-        facts.update(calib.manifest())
-        facts["windows_sha256"] = ids_sha256(calib.windows)
+        facts.update(job.state["calibration"].manifest())
     if "evaluation" in job.state:
+        from .core.data import corpus_manifest, ids_sha256
+
         corpus, ids = job.state["evaluation"]
-        facts["dataset"] = {"name": corpus.name, "split": corpus.split, "sha256": corpus.sha256,
-                            "tokens": int(len(ids)), "token_ids_sha256": ids_sha256(ids)}
+        facts["dataset"] = {**corpus_manifest(corpus), "tokens": int(len(ids)), "token_ids_sha256": ids_sha256(ids)}
     return facts
-
-
-def ids_sha256(ids) -> str:
-    """Hash of token ids as int64 bytes: equal windows, equal hash, on any machine."""
-    import numpy as np
-
-    array = ids.detach().cpu().numpy() if hasattr(ids, "detach") else np.asarray(ids)
-    return hashlib.sha256(np.ascontiguousarray(array.astype("<i8")).tobytes()).hexdigest()
 
 
 def write_figures(run, figures, fmt: str) -> None:

@@ -68,6 +68,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..core.devices import DTYPES, resolve_device
 from ..core.errors import LLMProbeError
 from ..core.modulemap import ROLES
 from ..core.progress import track
@@ -90,7 +91,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_PRECISIONS = ("fp32", "fp16", "bf16")
 FITS = ("hill", "powerlaw")
-LOAD_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+LOAD_DTYPES = DTYPES
 SPECTRUM_DTYPES = {"fp64": torch.float64, "fp32": torch.float32}
 SPECTRUM_DTYPE_CHOICES = ("auto", *SPECTRUM_DTYPES)
 # Roles whose weights are not decoder-block matrices; left out unless a regex names them.
@@ -218,12 +219,6 @@ def check_load_dtype(load_dtype: str) -> torch.dtype:
     if load_dtype not in LOAD_DTYPES:
         raise LLMProbeError(f"unknown --load-dtype '{load_dtype}'; use one of {', '.join(LOAD_DTYPES)}")
     return LOAD_DTYPES[load_dtype]
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    from ..core.loading import resolve_device as resolve
-
-    return device if isinstance(device, torch.device) else resolve(device)
 
 
 # --------------------------------------------------------------------------- selection

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ..core.errors import LLMProbeError
 from ..core.loading import ModelSource, load_config
 from ..core.modulemap import ModuleMap
 from ..core.records import Record
@@ -125,6 +126,10 @@ def layer_census(mmap: ModuleMap, *, roles: Sequence[str] | None = None, layers:
                             input_group=s.input_group, transposed=s.transposed)
                for s in mmap.select(roles=roles or None, layers=layers or None, regex=regex,
                                     include_lm_head=not roles and not layers)]
+    if not linears and (roles or layers or regex):
+        # A selection that matches nothing is a typo, as in every other command: not an
+        # empty table and exit 0.
+        raise LLMProbeError("no linear module matches the given --roles/--layers/--filter")
     return census, linears
 
 

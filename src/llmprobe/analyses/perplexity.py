@@ -126,4 +126,9 @@ def perplexity_job(job):
     corpus, ids = job.evaluation
     result = perplexity(job.lm, ids, seqlen=job.state["seqlen"], stride=o.stride, batch_size=o.batch_size,
                         max_windows=o.max_windows, dataset=corpus.name)
-    return Result(tables={"perplexity": [result]}, manifest={"seqlen": job.state["seqlen"]})
+    from ..core.data import eval_windows_manifest
+
+    windows = eval_windows(ids, job.state["seqlen"], stride=o.stride, max_windows=o.max_windows)
+    return Result(tables={"perplexity": [result]},
+                  manifest={"seqlen": job.state["seqlen"],
+                            "windows": eval_windows_manifest(ids, windows, job.state["seqlen"])})

@@ -698,11 +698,15 @@ def _module_map_for_shapes(source) -> ModuleMap:
     return WeightSource.open(source).module_map
 
 
+def prepare_bops_job(job):
+    job.state["module_map"] = _module_map_for_shapes(job.source)  # a bad config fails before any output
+
+
 def bops_job(job):
     from ..session import Result
 
     o = job.options
-    records = bops(_module_map_for_shapes(job.source), w_bits=o.w_bits, a_bits=o.a_bits, block_size=o.block_size)
+    records = bops(job.state["module_map"], w_bits=o.w_bits, a_bits=o.a_bits, block_size=o.block_size)
     summary = bops_summary(records)
     rows = [row.row() for row in summary]
     document = {

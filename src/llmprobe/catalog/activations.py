@@ -59,7 +59,8 @@ RANK_BY = ("max", "mean")
 def activation(name: str, help: str, options, compute: str, figures: str | None, *summary: Show,
                needs=("calibration",), **extra) -> Analysis:
     return register(Analysis(name=f"activations.{name}", help=help, options=options, needs=needs,
-                             compute=compute, figures=figures, summary=summary, **extra))
+                             compute=compute, figures=figures, summary=summary,
+                             shares_pass="calibration" in needs, **extra))
 
 
 class MagnitudeOptions(ActivationOptions, TokenRanking):

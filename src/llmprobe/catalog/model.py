@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 from ..options import OUTPUT, ModelOptions, OutputOptions, SelectionOptions, option
@@ -11,7 +12,7 @@ register_group("model", "Model structure: info and layer census.")
 
 
 class InfoOptions(ModelOptions, OutputOptions):
-    out: Optional[str] = option(None, "--out", "-o", panel=OUTPUT, help="Also write model_info.csv/json here.")
+    out: Optional[Path] = option(None, "--out", "-o", panel=OUTPUT, help="Also write model_info.csv/json here.")
 
 
 register(Analysis(

@@ -53,7 +53,7 @@ class SpectrumOptions(ModelOptions, TensorFilter, ZeroTol, OutputOptions, Figure
                               help="Numerical rank counts σ > rank_rtol·σ_max.")
     energy: float = option(0.9, "--energy", gt=0, le=1,
                            help="Energy rank: fewest σ holding this fraction of Σσ², in (0, 1].")
-    device: str = option("auto", "--device", help="auto|cpu|cuda|cuda:N: where the spectra are computed.")
+    device: str = option("auto", "--device", check="device", help="auto|cpu|cuda|cuda:N: where the spectra are computed.")
 
 
 register(Analysis(
@@ -83,6 +83,7 @@ register(Analysis(
     help="Bit operations per token of every linear module (in·out·b_w·b_a), per layer, role and model.",
     options=BopsOptions,
     needs=("source",),
+    prepare=f"{WEIGHTS}:prepare_bops_job",
     compute=f"{WEIGHTS}:bops_job",
     figures="llmprobe.plots.weights:bops_figures",
     printer="llmprobe.cli.printers:bops",
@@ -105,7 +106,7 @@ class AlphaHillOptions(ModelOptions, OutputOptions):
     fit: str = option("hill", "--fit", choices=("hill", "powerlaw"),
                       help="hill: Alpha-Hill; powerlaw: Clauset MLE with xmin by KS distance (WeightWatcher's "
                            "alpha), Hill kept as alpha_hill_<p>.")
-    device: str = option("auto", "--device", help="auto|cpu|cuda|cuda:N: where the spectra are computed.")
+    device: str = option("auto", "--device", check="device", help="auto|cpu|cuda|cuda:N: where the spectra are computed.")
     load_dtype: str = option("fp32", "--load-dtype", choices=("fp32", "fp16", "bf16"),
                              help="fp32|fp16|bf16: every weight is first cast to this (as the seed's model load).")
     spectrum_dtype: str = option(

@@ -23,7 +23,7 @@ from typer.core import TyperGroup
 
 from .. import __version__, registry
 from ..core import progress
-from ..core.errors import LLMProbeError
+from ..core.errors import LLMProbeError, RunFailed
 
 # Typer vendors click (typer._click) from 0.2x on; older Typer raises plain click's classes.
 # Plain click is only imported here when Typer does not vendor it (it costs ~0.1 s otherwise).
@@ -72,16 +72,20 @@ def _cli_annotation(field) -> Any:
 
 
 def _parameters(analysis: registry.Analysis) -> list[inspect.Parameter]:
-    from ..options import fields_in_panels, is_switch
+    from ..options import fields_in_panels, is_argument, is_switch
 
     params = []
     for name, field in fields_in_panels(analysis.options):
         extra = field.json_schema_extra
         required = field.is_required()
         default = ... if required else field.default
-        option = typer.Option(*extra["flags"], help=field.description or "", rich_help_panel=extra["panel"],
-                              hidden=extra.get("hidden", False), show_default=not required and default is not None)
-        if field.annotation is bool and not is_switch(field):
+        if is_argument(field):
+            option = typer.Argument(help=field.description or "", metavar=extra["flags"][0],
+                                    show_default=not required and default is not None)
+        else:
+            option = typer.Option(*extra["flags"], help=field.description or "", rich_help_panel=extra["panel"],
+                                  hidden=extra.get("hidden", False), show_default=not required and default is not None)
+        if field.annotation is bool and not is_switch(field) and not is_argument(field):
             option.is_flag = True
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
                                         annotation=Annotated[_cli_annotation(field), option]))
@@ -279,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     command = _click_command()
     try:
         result = command.main(args=argv, prog_name="llmprobe", standalone_mode=False)
-    except LLMProbeError as exc:
+    except (LLMProbeError, RunFailed) as exc:
         print(f"llmprobe: error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except typer.Exit as exc:

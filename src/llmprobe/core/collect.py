@@ -80,12 +80,23 @@ def unescape_token(text: str) -> str:
     return re.sub(r"\\([ntrs\\])", lambda m: _ESCAPES[m.group(1)], text)
 
 
-def resolve_exclude_tokens(tokenizer, tokens: Sequence[str]) -> frozenset[int]:
-    """Token strings (or ids written as integers) to ids, as the tokenizer writes them in text."""
+def resolve_exclude_tokens(tokenizer, tokens: Sequence[str], vocab_size: int | None = None) -> frozenset[int]:
+    """Token strings (or ids written as integers) to ids, as the tokenizer writes them in text.
+
+    An id must exist: 0 <= id < the larger of the tokenizer's length and ``vocab_size`` (the
+    model's embedding rows, which may be padded past the tokenizer). An id outside would
+    silently exclude nothing.
+    """
     ids: set[int] = set()
+    sizes = [n for n in (_tokenizer_length(tokenizer), vocab_size) if isinstance(n, int) and n > 0]
+    limit = max(sizes) if sizes else None
     for text in map(unescape_token, tokens):
         if text.strip().lstrip("-").isdigit():
-            ids.add(int(text))
+            value = int(text)
+            if value < 0 or (limit is not None and value >= limit):
+                bound = f"0 to {limit - 1}" if limit is not None else "non-negative"
+                raise LLMProbeError(f"--exclude-tokens: id {value} is not in the vocabulary (ids are {bound})")
+            ids.add(value)
             continue
         found = tokenizer.convert_tokens_to_ids(text)
         unk = getattr(tokenizer, "unk_token_id", None)
@@ -97,6 +108,14 @@ def resolve_exclude_tokens(tokenizer, tokens: Sequence[str]) -> frozenset[int]:
             raise LLMProbeError(f"--exclude-tokens: '{text}' encodes to no token")
         ids.update(encoded)
     return frozenset(ids)
+
+
+def _tokenizer_length(tokenizer) -> int | None:
+    try:
+        return len(tokenizer)
+    except TypeError:
+        size = getattr(tokenizer, "get_vocab_size", None)  # a bare tokenizers.Tokenizer
+        return int(size()) if callable(size) else None
 
 
 def check_site(site: str) -> str:
@@ -170,6 +189,112 @@ def _as_tokens(x: torch.Tensor, batch_shape: tuple[int, int]) -> torch.Tensor:
     raise RuntimeError(f"cannot read activation of shape {tuple(x.shape)} as [batch={b}, seq={length}, features]")
 
 
+class Deferred(Exception):
+    """Raised inside an analysis while a :class:`SharedPass` records what it would collect."""
+
+
+_SHARED: dict[str, SharedPass | None] = {"pass": None}
+
+
+def _pass_key(lm_model, sites, windows, site, token_filter, rotate, batch_size, backward) -> tuple:
+    """What makes two collection passes the same pass: model, modules, windows, where and how."""
+    return (id(lm_model), tuple(s.name for s in sites), windows.data_ptr(), tuple(windows.shape), site,
+            repr(token_filter), id(rotate), batch_size, backward)
+
+
+class SharedPass:
+    """Folds the collection passes of several analyses into one pass per distinct setting.
+
+    Usage (``report run`` does this)::
+
+        shared = SharedPass()
+        with shared.active():
+            for name in analyses:
+                with shared.recording(name):     # the analysis runs until its first collect()
+                    ...                           # -> its collectors are kept, Deferred is raised
+            shared.run()                          # one forward (and one backward) pass for all
+            for name in analyses:
+                with shared.replaying(name):     # collect() hands back the filled collectors
+                    ...
+
+    Only an analysis's first collection pass is folded; a second pass of the same analysis (one
+    that depends on the first one's result) runs on its own.
+    """
+
+    def __init__(self):
+        self._recorded: dict[str, tuple[tuple, list]] = {}
+        self._key_sites: dict[tuple, dict] = {}
+        self._args: dict[tuple, tuple] = {}
+        self._mode: tuple[str, str] | None = None
+        self._used: set[str] = set()
+        self.passes_run = 0
+
+    def active(self):
+        import contextlib
+
+        @contextlib.contextmanager
+        def scope():
+            previous, _SHARED["pass"] = _SHARED["pass"], self
+            try:
+                yield self
+            finally:
+                _SHARED["pass"] = previous
+        return scope()
+
+    def _scope(self, mode: str, label: str):
+        import contextlib
+
+        @contextlib.contextmanager
+        def scope():
+            self._mode = (mode, label)
+            try:
+                yield
+            except Deferred:
+                if mode != "record":
+                    raise
+            finally:
+                self._mode = None
+        return scope()
+
+    def recording(self, label: str):
+        return self._scope("record", label)
+
+    def replaying(self, label: str):
+        return self._scope("replay", label)
+
+    def intercept(self, key: tuple, collectors: list, call: dict):
+        if self._mode is None:
+            return None
+        mode, label = self._mode
+        if mode == "record":
+            self._recorded[label] = (key, collectors)
+            self._args[key] = call
+            raise Deferred(label)
+        if label in self._used or label not in self._recorded or self._recorded[label][0] != key:
+            return None  # not the recorded pass: it runs on its own
+        self._used.add(label)
+        for fresh, filled in zip(collectors, self._recorded[label][1]):
+            fresh.__dict__.update(filled.__dict__)
+        return self._key_sites[key]
+
+    def run(self) -> None:
+        """One pass per distinct setting, feeding the collectors of every recorded analysis."""
+        by_key: dict[tuple, list] = {}
+        for key, collectors in self._recorded.values():
+            by_key.setdefault(key, []).extend(collectors)
+        previous, _SHARED["pass"] = _SHARED["pass"], None
+        try:
+            for key, collectors in by_key.items():
+                self._key_sites[key] = collect(collectors=collectors, **self._args[key])
+                self.passes_run += 1
+        finally:
+            _SHARED["pass"] = previous
+
+    @property
+    def recorded(self) -> list[str]:
+        return list(self._recorded)
+
+
 def collect(lm_model: torch.nn.Module, mmap: ModuleMap, sites: Sequence[LinearSite], windows: torch.Tensor,
             collectors: Iterable[Collector], *, site: Site = "input", token_filter: TokenFilter | None = None,
             rotate: Callable[[torch.Tensor], torch.Tensor] | None = None, batch_size: int = 1,
@@ -183,6 +308,15 @@ def collect(lm_model: torch.nn.Module, mmap: ModuleMap, sites: Sequence[LinearSi
     Returns key -> modules, for turning keyed statistics into per-module rows.
     """
     collectors = list(collectors)
+    shared = _SHARED["pass"]
+    if shared is not None:
+        key = _pass_key(lm_model, sites, windows, site, token_filter, rotate, batch_size, backward)
+        call = dict(lm_model=lm_model, mmap=mmap, sites=sites, windows=windows, site=site,
+                    token_filter=token_filter, rotate=rotate, batch_size=batch_size, backward=backward,
+                    description="shared pass")
+        replayed = shared.intercept(key, collectors, call)
+        if replayed is not None:
+            return replayed
     pin_mmap_threshold()
     if windows.dim() != 2 or windows.shape[0] == 0:
         raise LLMProbeError("no calibration windows to run")

@@ -3,17 +3,21 @@
 Three steps, each a plain function so analyses can share them:
 
 1. :func:`load_corpus` turns ``--dataset`` (a hub name or a local file) into a :class:`Corpus`:
-   rows of text plus a SHA-256 of the joined text for the run manifest.
+   rows of text plus, for the run manifest, the SHA-256 of the text that is tokenized
+   (``text_sha256``) and, for a local file, the SHA-256 of the file's bytes (``file_sha256``).
 2. :func:`tokenize_corpus` tokenizes ``corpus.text()`` once, as one string (the GPTQ protocol:
    rows joined with ``"\\n\\n"``, tokenized in one call, never row by row).
 3. :func:`eval_windows` cuts the ids into perplexity windows (non-overlapping by default, or the
    sliding-window protocol with ``stride``); :func:`calibration_windows` draws full-length
    windows at seeded random offsets for activation statistics and pruning.
 
-Hub datasets are read as raw files with ``huggingface_hub.hf_hub_download`` (parquet for
-WikiText, gzip JSON lines for C4) so the ``datasets`` package is never needed, and the hub cache
-is reused between runs. Offline with nothing cached, the hub step fails with a one-line
-:class:`LLMProbeError` that tells the user to pass a local file instead.
+Hub corpora are read with ``datasets.load_dataset`` (WikiText-2 raw by its config, C4 as the
+single shard named with ``data_files``, as the GPTQ code does), so they share the user's
+Hugging Face datasets cache and its offline switches (``HF_DATASETS_OFFLINE``,
+``HF_HUB_OFFLINE``). Offline with nothing cached, the hub step fails with a one-line
+:class:`LLMProbeError` that tells the user to pass a local file instead. Local files never
+touch ``datasets``. :func:`corpus_manifest` and :func:`windows_manifest` give the manifest
+entries that let a run be reproduced.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import json
 import math
 import numbers
 import re
+import stat
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +38,8 @@ import numpy as np
 import torch
 
 from .errors import LLMProbeError
+from .paths import describe_kind, expand_user
+from .specs import check_range
 
 # The GPTQ / SparseGPT / Wanda evaluation joins dataset rows with a blank line.
 DEFAULT_JOINER = "\n\n"
@@ -68,18 +76,28 @@ class Corpus:
     """Rows of text from one dataset split or file.
 
     ``name`` is ``"wikitext2"``, ``"c4"`` or the path as given; ``split`` is the hub split
-    (``"train"``, ``"test"``, ``"validation"``) or ``"file"`` for local files. ``sha256`` is the
-    hex digest of ``text()`` (default joiner) in UTF-8 and is filled in automatically.
+    (``"train"``, ``"test"``, ``"validation"``) or ``"file"`` for local files. ``sha256`` (also
+    ``text_sha256``) is the hex digest of ``text()`` (default joiner) in UTF-8 and is filled in
+    automatically; it identifies the text tokenized, not the file (``file_sha256``).
     """
 
     name: str
     split: str
     rows: list[str]
     sha256: str = field(default="")
+    # SHA-256 of the data file's bytes (local files; None for hub corpora, see ``source``).
+    file_sha256: str | None = None
+    # Where a hub corpus came from: repo, config, data_files, split (None for local files).
+    source: dict | None = None
 
     def __post_init__(self):
         if not self.sha256:
             self.sha256 = hashlib.sha256(self.text().encode("utf-8")).hexdigest()
+
+    @property
+    def text_sha256(self) -> str:
+        """SHA-256 of ``text()`` in UTF-8: the text that is tokenized (``sha256`` is its old name)."""
+        return self.sha256
 
     def text(self, joiner: str = DEFAULT_JOINER) -> str:
         """The rows joined with ``joiner`` (``"\\n\\n"``, as the GPTQ/Wanda evaluation does)."""
@@ -145,49 +163,70 @@ def _accepted() -> str:
     return f"'wikitext2', 'c4' or a path to a {FILE_FORMATS} file"
 
 
-def _hub_file(repo_id: str, filename: str, local_hint: str) -> str:
-    """Path of a hub dataset file in the local cache, downloading it when online."""
+def _hub_dataset(repo: str, *, config: str | None = None, data_files: dict | None = None, split: str,
+                 label: str, local_hint: str):
+    """One split of a hub dataset through ``datasets.load_dataset`` (the user's datasets cache)."""
     try:
-        from huggingface_hub import hf_hub_download
-    except ImportError as exc:  # a dependency of transformers, so normally present
-        raise LLMProbeError(
-            f"reading {repo_id} needs huggingface_hub; install it or pass a local file, e.g. --dataset {local_hint}"
-        ) from exc
+        import datasets
+    except ImportError:
+        raise LLMProbeError(f"reading {label} needs the package datasets (pip install datasets); "
+                            f"or pass a local file, e.g. --dataset {local_hint}") from None
+    from . import progress
+
+    if progress.is_quiet():
+        datasets.disable_progress_bars()
     try:
-        return hf_hub_download(repo_id=repo_id, filename=filename, repo_type="dataset")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dataset = datasets.load_dataset(repo, config, data_files=data_files, split=split)
+    except (KeyboardInterrupt, MemoryError):
+        raise
     except Exception as exc:
-        # Offline, the hub raises LocalEntryNotFoundError / OfflineModeIsEnabled / connection
-        # errors; gated or missing files raise HTTP errors. All of them have the same remedy.
-        raise LLMProbeError(
-            f"cannot get {repo_id}/{filename} from the Hugging Face hub ({type(exc).__name__}; offline?): "
-            f"go online or pass a local file, e.g. --dataset {local_hint}"
-        ) from exc
+        # Offline, datasets raises ConnectionError / FileNotFoundError / hub errors; a gated or
+        # missing file raises HTTP errors. All of them have the same remedy.
+        raise LLMProbeError(f"cannot get {label} from the Hugging Face hub ({type(exc).__name__}; offline?): "
+                            f"go online or pass a local file, e.g. --dataset {local_hint}") from None
+    columns = list(getattr(dataset, "column_names", None) or [])
+    if "text" not in columns:
+        raise LLMProbeError(f"{label} has no 'text' column (columns: {', '.join(columns) or 'none'})")
+    return dataset
+
+
+def _text_rows(dataset, max_rows: int | None = None) -> list[str]:
+    if max_rows is not None and len(dataset) > max_rows:
+        dataset = dataset.select(range(max_rows))
+    return [row for row in list(dataset["text"]) if row is not None]
 
 
 def _load_wikitext_hub(purpose: str) -> Corpus:
     split = WIKITEXT_SPLITS[purpose]
-    filename = f"{WIKITEXT_CONFIG}/{split}-00000-of-00001.parquet"
-    path = _hub_file(WIKITEXT_REPO, filename, f"path/to/wiki.{split}.raw")
-    return Corpus(
-        name="wikitext2", split=split, rows=_read_parquet(Path(path), label=f"{WIKITEXT_REPO}/{filename}")
-    )
+    dataset = _hub_dataset(WIKITEXT_REPO, config=WIKITEXT_CONFIG, split=split,
+                           label=f"{WIKITEXT_REPO} ({WIKITEXT_CONFIG}, {split})",
+                           local_hint=f"path/to/wiki.{split}.raw")
+    return Corpus(name="wikitext2", split=split, rows=_text_rows(dataset),
+                  source={"repo": WIKITEXT_REPO, "config": WIKITEXT_CONFIG, "split": split})
 
 
 def _load_c4_hub(purpose: str) -> Corpus:
     split, filename = C4_FILES[purpose]
-    path = _hub_file(C4_REPO, filename, f"path/to/{Path(filename).name}")
-    rows = _read_json_lines_stream(Path(path), label=f"{C4_REPO}/{filename}", max_rows=C4_MAX_ROWS[purpose])
-    return Corpus(name="c4", split=split, rows=rows)
+    dataset = _hub_dataset(C4_REPO, data_files={split: filename}, split=split, label=f"{C4_REPO}/{filename}",
+                           local_hint=f"path/to/{Path(filename).name}")
+    return Corpus(name="c4", split=split, rows=_text_rows(dataset, C4_MAX_ROWS[purpose]),
+                  source={"repo": C4_REPO, "data_files": filename, "split": split, "rows": C4_MAX_ROWS[purpose]})
 
 
 def _load_file(dataset: str) -> Corpus:
-    path = Path(dataset).expanduser()
+    path = expand_user(dataset, "--dataset")
     if not path.exists():
         if Path(dataset).suffix or "/" in dataset or "\\" in dataset:
             raise LLMProbeError(f"dataset file not found: {dataset}")
         raise LLMProbeError(f"unknown dataset {dataset!r}: use {_accepted()}")
     if path.is_dir():
         raise LLMProbeError(f"--dataset {dataset} is a directory: give one {FILE_FORMATS} file")
+    mode = path.stat().st_mode
+    if not stat.S_ISREG(mode):
+        # A named pipe would block the read forever, a device would never end: plain files only.
+        raise LLMProbeError(f"--dataset {dataset} is {describe_kind(mode)}: give a regular {FILE_FORMATS} file")
     name = path.name.lower()
     compressed = name.endswith(".gz")
     base = name[:-3] if compressed else name
@@ -204,7 +243,15 @@ def _load_file(dataset: str) -> Corpus:
         rows = _read_json(_read_text(path, dataset, gz=compressed), label=dataset)
     else:
         raise LLMProbeError(f"cannot read {dataset}: unsupported file type, use a {FILE_FORMATS} file")
-    return Corpus(name=dataset, split="file", rows=rows)
+    return Corpus(name=dataset, split="file", rows=rows, file_sha256=_file_sha256(path))
+
+
+def _file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _read_text(path: Path, label: str, gz: bool = False) -> str:
@@ -286,15 +333,6 @@ def _text_of(record, label: str, where: str) -> str | None:
 
 def _read_json_lines(text: str, label: str) -> list[str]:
     return _json_lines_rows(io.StringIO(text), label, max_rows=None)
-
-
-def _read_json_lines_stream(path: Path, label: str, max_rows: int | None) -> list[str]:
-    """Rows of a gzip JSON-lines file, reading only as far as ``max_rows`` records."""
-    try:
-        with gzip.open(path, "rt", encoding="utf-8") as handle:
-            return _json_lines_rows(handle, label, max_rows)
-    except (OSError, EOFError, UnicodeDecodeError) as exc:
-        raise LLMProbeError(f"cannot read {label}: {exc}") from exc
 
 
 def _json_lines_rows(lines, label: str, max_rows: int | None) -> list[str]:
@@ -422,8 +460,7 @@ class Window:
 def _int_option(value, flag: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise LLMProbeError(f"{flag} must be an integer, got {value!r}")
-    if value < minimum:
-        raise LLMProbeError(f"{flag} must be at least {minimum}, got {value}")
+    check_range(flag, value, low=minimum)
     return int(value)
 
 
@@ -544,3 +581,55 @@ def load_calibration(
     corpus = load_corpus(dataset, purpose="calibration")
     ids = tokenize_corpus(corpus, tokenizer, add_bos=add_bos)
     return calibration_windows(ids, nsamples, seqlen, seed), corpus
+
+
+# --------------------------------------------------------------------------------------------
+# Reproducibility: what the manifest records about the data
+
+
+def ids_sha256(ids: torch.Tensor) -> str:
+    """SHA-256 of token ids as little-endian int64 bytes (any shape, row-major)."""
+    array = np.ascontiguousarray(ids.detach().to("cpu", torch.long).numpy().astype("<i8"))
+    return hashlib.sha256(array.tobytes()).hexdigest()
+
+
+def corpus_manifest(corpus: Corpus) -> dict:
+    """Manifest entry for a corpus: where it came from and the two hashes a rerun checks.
+
+    ``file_sha256``: the data file's bytes (local files; None for hub corpora, whose ``source``
+    names repo / config / data_files / split instead). ``text_sha256``: the text actually
+    tokenized (rows joined with a blank line), which also covers how the file was parsed.
+    """
+    return {"name": corpus.name, "split": corpus.split, "rows": len(corpus.rows),
+            "file_sha256": corpus.file_sha256, "text_sha256": corpus.text_sha256, "source": corpus.source}
+
+
+def windows_manifest(ids: torch.Tensor, starts, seqlen: int, windows: torch.Tensor | None = None, *,
+                     joiner: str = DEFAULT_JOINER) -> dict:
+    """Manifest entry for the windows a run used.
+
+    ``corpus_tokens`` and ``token_ids_sha256`` identify the tokenized corpus (ids as int64 LE);
+    ``window_starts`` are the offsets of the windows in those ids (eval windows' ``start`` or
+    the calibration offsets) and ``window_length`` the tokens per window, which is enough to
+    rebuild every window; ``window_ids_sha256`` hashes the ids actually fed (given ``windows``:
+    a 2-D tensor, or a list of :class:`Window`).
+    """
+    flat = _flat_ids(ids)
+    starts_list = [int(x) for x in (starts.tolist() if isinstance(starts, torch.Tensor) else starts)]
+    info = {"corpus_tokens": int(flat.numel()), "token_ids_sha256": ids_sha256(flat),
+            "window_length": int(seqlen), "window_count": len(starts_list), "window_starts": starts_list,
+            "joiner": joiner}
+    if windows is not None:
+        if isinstance(windows, torch.Tensor):
+            fed = windows
+        else:
+            fed = torch.cat([w.input_ids for w in windows]) if windows else torch.zeros(0, dtype=torch.long)
+        info["window_ids_sha256"] = ids_sha256(fed)
+    return info
+
+
+def eval_windows_manifest(ids: torch.Tensor, windows: list[Window], seqlen: int) -> dict:
+    """:func:`windows_manifest` for :func:`eval_windows` output (starts and scored counts)."""
+    info = windows_manifest(ids, [w.start for w in windows], seqlen, windows)
+    info["window_scored"] = [int(w.n_scored) for w in windows]
+    return info

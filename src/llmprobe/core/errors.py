@@ -10,3 +10,11 @@ class LLMProbeError(Exception):
     """Bad input the user can fix. The message is one line that says what to do."""
 
     exit_code = 2
+
+
+class RunFailed(Exception):
+    """A run that went through but not all of its parts completed (a report run whose analyses
+    partly failed). What completed is written and kept; the run's manifest says ``incomplete``,
+    and the CLI exits with code 1."""
+
+    exit_code = 1

@@ -10,7 +10,9 @@ that yields several ``(stem, figure[, save options])`` pairs — for sets that r
 update its artists (hundreds of per-matrix bar charts): each worker reuses its own.
 
 The same description drawn serially (one worker or ``LLMPROBE_FIGURE_WORKERS=0``) writes the same
-files with the same bytes; ``tests/test_speed.py`` checks it.
+files with the same bytes; ``tests/test_speed.py`` checks it. Workers write each figure to a
+temporary file in the run folder; the run lists it in its manifest and then renames it into
+place, like every file it writes (core/output.py).
 
 Why processes: a figure costs tens to hundreds of milliseconds of pure-Python text layout and
 Agg rendering under the GIL, so threads do not help; figures are independent, so processes do.
@@ -95,33 +97,35 @@ def _close(fig) -> None:
         pyplot.close(fig)
 
 
-def save_figure_file(fig, directory: Path, stem: str, fmt: str, **options: Any) -> str:
-    """Render ``fig`` to ``directory/stem.fmt`` atomically; returns the path relative to ``directory``."""
-    from .files import atomic_write_bytes
+def stage_figure_file(fig, directory: Path, stem: str, fmt: str, **options: Any) -> tuple[str, str]:
+    """Render ``fig`` into a temporary file in ``directory`` beside ``stem.fmt``; returns
+    (``stem.fmt``, the temporary file). The run lists the file in its manifest and then renames
+    it into place (:meth:`RunOutput.publish`), as it does for every file it writes."""
+    from .files import stage_bytes
 
-    data = render_figure(fig, fmt, **options)
-    atomic_write_bytes(Path(directory) / f"{stem}.{fmt}", data)
-    return f"{stem}.{fmt}"
+    relative = f"{stem}.{fmt}"
+    return relative, str(stage_bytes(Path(directory) / relative, render_figure(fig, fmt, **options)))
 
 
-def draw_task(task: tuple, directory: str, fmt: str) -> list[str]:
-    """Draw and save one task (in a worker, or in-process); returns the files written, in order."""
+def draw_task(task: tuple, directory: str, fmt: str) -> list[tuple[str, str]]:
+    """Draw one task (in a worker, or in-process) into staged files; returns (file, staged temp
+    file) pairs in order."""
     stem, described, options = task
     os.environ.setdefault("MPLBACKEND", "Agg")
-    written = []
+    staged = []
     if isinstance(described, DeferredSet):
         for item in described.build():
             sub_stem, figure, *extra = item
-            written.extend(_save(figure, Path(directory), sub_stem, fmt, {**options, **(extra[0] if extra else {})}))
-        return written
-    return _save(described.build(), Path(directory), stem, fmt, options)
+            staged.extend(_stage(figure, Path(directory), sub_stem, fmt, {**options, **(extra[0] if extra else {})}))
+        return staged
+    return _stage(described.build(), Path(directory), stem, fmt, options)
 
 
-def _save(figure, directory: Path, stem: str, fmt: str, options: dict) -> list[str]:
+def _stage(figure, directory: Path, stem: str, fmt: str, options: dict) -> list[tuple[str, str]]:
     if isinstance(figure, list):
-        return [save_figure_file(fig, directory, stem if len(figure) == 1 else f"{stem}_{i}", fmt, **options)
+        return [stage_figure_file(fig, directory, stem if len(figure) == 1 else f"{stem}_{i}", fmt, **options)
                 for i, fig in enumerate(figure, start=1)]
-    return [save_figure_file(figure, directory, stem, fmt, **options)]
+    return [stage_figure_file(figure, directory, stem, fmt, **options)]
 
 
 def figure_workers(tasks: int) -> int:
@@ -158,21 +162,26 @@ def write_figures(run, figures: Iterable[tuple], fmt: str) -> list[str]:
         if isinstance(figure, (Deferred, DeferredSet)):
             tasks.append((stem, figure, options))
             continue
-        for path in _save(figure, run.dir, stem, fmt, options):
-            run.register(path)
-            written.append(path)
+        for relative, staged in _stage(figure, run.dir, stem, fmt, options):
+            run.publish(relative, staged)
+            written.append(relative)
     if tasks:
-        drawn: dict[int, list[str]] = {}
-        for index, files in progress.track(_draw_all(tasks, run.dir, fmt), "figures", total=len(tasks)):
-            drawn[index] = files
-        for index in range(len(tasks)):  # registered in the order the set yielded them
-            for path in drawn[index]:
-                run.register(path)
-                written.append(path)
+        drawn: dict[int, list[tuple[str, str]]] = {}
+        try:
+            for index, files in progress.track(_draw_all(tasks, run.dir, fmt), "figures", total=len(tasks)):
+                drawn[index] = files
+            for index in range(len(tasks)):  # listed and published in the order the set yielded them
+                for relative, staged in drawn.pop(index):
+                    run.publish(relative, staged)
+                    written.append(relative)
+        finally:  # a failed run leaves no staged figures behind
+            for files in drawn.values():
+                for _, staged in files:
+                    Path(staged).unlink(missing_ok=True)
     return written
 
 
-def _draw_all(tasks: list[tuple], directory: Path, fmt: str) -> Iterator[tuple[int, list[str]]]:
+def _draw_all(tasks: list[tuple], directory: Path, fmt: str) -> Iterator[tuple[int, list[tuple[str, str]]]]:
     """(task index, files) for every task, in completion order; drawn by worker processes when
     that pays, else here."""
     workers = figure_workers(len(tasks))
@@ -195,7 +204,7 @@ class _WorkerPool:
     def __init__(self, count: int):
         self.count = count
 
-    def run(self, tasks: list[tuple], directory: str, fmt: str) -> Iterator[tuple[int, list[str]]]:
+    def run(self, tasks: list[tuple], directory: str, fmt: str) -> Iterator[tuple[int, list[tuple[str, str]]]]:
         import pickle
         import queue
         import subprocess

@@ -134,9 +134,14 @@ HookFn = Callable[[torch.nn.Module, tuple, Any], Any]
 
 @contextlib.contextmanager
 def forward_hooks(model: torch.nn.Module, hooks: Mapping[str, HookFn] | Sequence[tuple[str, HookFn]],
-                  *, pre: bool = False) -> Iterator[None]:
+                  *, pre: bool = False, with_kwargs: bool = False) -> Iterator[None]:
     """Register forward hooks (``pre=True``: forward pre-hooks) on named modules; a hook may
-    return a replacement output (or input, for pre-hooks). Always removed on exit."""
+    return a replacement output (or input, for pre-hooks). Always removed on exit.
+
+    ``with_kwargs=True`` passes the keyword arguments too (torch's signatures: pre-hooks get
+    ``(module, args, kwargs)`` and may return ``(args, kwargs)``; hooks get
+    ``(module, args, kwargs, output)``), for modules such as decoder layers that take their
+    hidden states or masks by keyword."""
     modules = dict(model.named_modules())
     items = hooks.items() if isinstance(hooks, Mapping) else hooks
     handles = []
@@ -145,7 +150,10 @@ def forward_hooks(model: torch.nn.Module, hooks: Mapping[str, HookFn] | Sequence
             if name not in modules:
                 raise LLMProbeError(f"no module '{name}' in the model")
             module = modules[name]
-            handles.append(module.register_forward_pre_hook(fn) if pre else module.register_forward_hook(fn))
+            if pre:
+                handles.append(module.register_forward_pre_hook(fn, with_kwargs=with_kwargs))
+            else:
+                handles.append(module.register_forward_hook(fn, with_kwargs=with_kwargs))
         yield
     finally:
         for handle in handles:

