@@ -8,12 +8,7 @@ Every CLI command is a registered analysis (``llmprobe.analyses_list()`` names t
 :class:`llmprobe.Session` shares one model and its windows between several runs.
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("llmprobe")
-except PackageNotFoundError:  # running from a source tree without installation
-    __version__ = "0.0.0+unknown"
+from ._version import __version__
 
 __all__ = ["__version__", "run", "Session", "analyses_list"]
 

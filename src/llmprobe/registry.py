@@ -15,10 +15,13 @@ import importlib
 import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .core.errors import LLMProbeError
-from .options import Options
+
+if TYPE_CHECKING:  # pydantic is imported by the catalog modules, not by the registry itself
+    from .options import Options
 
 # What an analysis may need; the session opens each once and shares it.
 NEEDS = ("source", "weights", "model", "calibration", "evaluation")
@@ -79,7 +82,7 @@ class Analysis:
 
 _ANALYSES: dict[str, Analysis] = {}
 _GROUPS: dict[str, Group] = {}
-_loaded = {"catalog": False}
+_loaded: dict[str, Any] = {"catalog": False}
 
 
 def register(analysis: Analysis) -> Analysis:
@@ -99,10 +102,73 @@ def _load_catalog() -> None:
         return
     from . import catalog
 
-    for info in sorted(pkgutil.iter_modules(catalog.__path__), key=lambda i: catalog.ORDER.index(i.name)
-                       if i.name in catalog.ORDER else len(catalog.ORDER)):
+    for info in _catalog_modules():
         importlib.import_module(f"{catalog.__name__}.{info.name}")
     _loaded["catalog"] = True
+
+
+def load_group(name: str) -> None:
+    """Import only the catalog module that declares group ``name`` (the CLI builds one group per
+    run); if no module declares it under its own name, every module is imported."""
+    if _loaded["catalog"] or name in _loaded.get("groups", set()):
+        return
+    module = next((g.module for g in declared_groups() if g.name == name), None)
+    if module is None:
+        _load_catalog()
+        return
+    importlib.import_module(module)
+    _loaded.setdefault("groups", set()).add(name)
+    if name not in _GROUPS:  # declared elsewhere after all: fall back to everything
+        _load_catalog()
+
+
+@dataclass(frozen=True)
+class DeclaredGroup:
+    name: str
+    help: str
+    module: str | None          # the catalog module that declares it (None: only known by importing)
+
+
+def declared_groups() -> list[DeclaredGroup]:
+    """The command groups in --help order, read from the catalog modules' source text.
+
+    ``llmprobe --help`` lists groups only; reading the literal ``register_group("name", "help")``
+    calls with :mod:`ast` spares it importing pydantic and every options class (a third of the
+    start-up). A module without such a literal call is imported and asked instead.
+    """
+    if _loaded["catalog"]:
+        return [DeclaredGroup(g.name, g.help, None) for g in _GROUPS.values()]
+    import ast
+
+    from . import catalog
+
+    found: list[DeclaredGroup] = []
+    for info in _catalog_modules():
+        module = f"{catalog.__name__}.{info.name}"
+        path = Path(catalog.__path__[0]) / f"{info.name}.py"
+        literal = []
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (OSError, SyntaxError, ValueError):
+            tree = None
+        for node in ast.walk(tree) if tree is not None else ():
+            if (isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None))
+                    == "register_group" and len(node.args) == 2
+                    and all(isinstance(a, ast.Constant) and isinstance(a.value, str) for a in node.args)):
+                literal.append(DeclaredGroup(node.args[0].value, node.args[1].value, module))
+        if tree is None or not literal:
+            importlib.import_module(module)
+            known = {g.name for g in found}
+            literal = [DeclaredGroup(g.name, g.help, module) for g in _GROUPS.values() if g.name not in known]
+        found.extend(literal)
+    return found
+
+
+def _catalog_modules() -> list:
+    from . import catalog
+
+    return sorted(pkgutil.iter_modules(catalog.__path__), key=lambda i: catalog.ORDER.index(i.name)
+                  if i.name in catalog.ORDER else len(catalog.ORDER))
 
 
 def analyses() -> dict[str, Analysis]:
@@ -112,7 +178,16 @@ def analyses() -> dict[str, Analysis]:
 
 def groups() -> dict[str, Group]:
     _load_catalog()
-    return dict(_GROUPS)
+    from . import catalog
+
+    rank = {name: i for i, name in enumerate(catalog.ORDER)}
+    return {g.name: g for g in sorted(_GROUPS.values(), key=lambda g: rank.get(g.name, len(rank)))}
+
+
+def group_analyses(name: str) -> list[Analysis]:
+    """The analyses of one group, importing only its catalog module (see :func:`load_group`)."""
+    load_group(name)
+    return [a for a in _ANALYSES.values() if a.group == name]
 
 
 def get(name: str) -> Analysis:

@@ -220,7 +220,6 @@ def execute(session: Session, analysis: registry.Analysis, options: Options, *,
             argv: Sequence[str] | None = None, default_out: bool = False) -> Result:
     """Validate what needs data, open the output, compute, write tables/figures/manifest."""
     from .core import distributed
-    from .core.output import RunOutput, check_out_target, default_out_dir
 
     # Under torchrun / accelerate launch: join the process group; ranks other than 0 compute
     # their share but neither print progress nor write (docs/scale.md).
@@ -236,6 +235,8 @@ def execute(session: Session, analysis: registry.Analysis, options: Options, *,
         import logging
 
         logging.getLogger("llmprobe").setLevel(logging.WARNING)
+    from .core.output import RunOutput, check_out_target, default_out_dir  # pandas: after the quiet switch
+
     out = out_dir_for(session, analysis, options)
     if out is None and default_out and analysis.writes_by_default:
         out = default_out_dir(session.source.slug, analysis.group, analysis.command)
@@ -310,15 +311,11 @@ def run_manifest(session: Session, job: Job) -> dict[str, Any]:
 
 def write_figures(run, figures, fmt: str) -> None:
     """Save (stem, figure) pairs; a list of figures under one stem becomes stem_1, stem_2, ...
-    A third element, a dict, passes save options (dpi, tight, close)."""
-    for item in progress.track(figures, "figures"):
-        stem, figure, *extra = item
-        kwargs = extra[0] if extra else {}
-        if isinstance(figure, list):
-            for i, fig in enumerate(figure, start=1):
-                run.save_figure(fig, stem if len(figure) == 1 else f"{stem}_{i}", fmt, **kwargs)
-        else:
-            run.save_figure(figure, stem, fmt, **kwargs)
+    A third element, a dict, passes save options (dpi, tight, close). Figures described as data
+    (:class:`llmprobe.core.figures.Deferred`) are drawn in worker processes when there are many."""
+    from .core.figures import write_figures as write
+
+    write(run, figures, fmt)
 
 
 def _now() -> str:

@@ -4,6 +4,11 @@ Every command is made here from its declaration (:mod:`llmprobe.catalog`): its o
 Typer options (grouped in help panels), and its body makes one library call,
 :func:`llmprobe.session.execute`, then prints the declared summary. Nothing heavy is imported
 until a command runs, so ``--help`` and ``--version`` are fast.
+
+Start-up is what a user waits for on every command, so the tree is built lazily: the root lists
+the groups from the catalog's source text (:func:`llmprobe.registry.declared_groups`), and a group
+imports its one catalog module and builds its commands only when it is invoked or its help is
+shown. ``--version`` alone imports nothing but the package.
 """
 
 from __future__ import annotations
@@ -13,21 +18,25 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional, Union, get_args, get_origin
 
-import click
 import typer
+from typer.core import TyperGroup
 
 from .. import __version__, registry
 from ..core import progress
 from ..core.errors import LLMProbeError, RunFailed
-from ..options import fields_in_panels, is_argument, is_switch
 
 # Typer vendors click (typer._click) from 0.2x on; older Typer raises plain click's classes.
+# Plain click is only imported here when Typer does not vendor it (it costs ~0.1 s otherwise).
 try:
     from typer._click.exceptions import ClickException as _TyperClickException
 except ImportError:  # pragma: no cover - older typer
     _TyperClickException = None
+if _TyperClickException is None:  # pragma: no cover - older typer
+    import click
 
-_UsageErrors = tuple(c for c in (_TyperClickException, click.ClickException) if c is not None)
+    _UsageErrors: tuple = (click.ClickException,)
+else:
+    _UsageErrors = (_TyperClickException,) + ((sys.modules["click"].ClickException,) if "click" in sys.modules else ())
 
 
 def _version(value: bool) -> None:
@@ -63,6 +72,8 @@ def _cli_annotation(field) -> Any:
 
 
 def _parameters(analysis: registry.Analysis) -> list[inspect.Parameter]:
+    from ..options import fields_in_panels, is_argument, is_switch
+
     params = []
     for name, field in fields_in_panels(analysis.options):
         extra = field.json_schema_extra
@@ -93,6 +104,10 @@ def _command(analysis: registry.Analysis):
 
 def run_command(analysis: registry.Analysis, values: dict[str, Any]) -> None:
     """What every command does: one library call, then the declared summary."""
+    # The first line a user sees comes before the heavy imports (torch, transformers: seconds),
+    # which may already happen while the options are checked.
+    if not values.get("quiet"):
+        progress.info(f"[bold]{analysis.group} {analysis.command}[/]: starting ...")
     from ..session import Session, execute
 
     options = analysis.options.parse(values)
@@ -161,20 +176,92 @@ def _schema(name: Annotated[Optional[str], typer.Argument(help="Record or analys
     typer.echo(json.dumps(record_type(name).model_json_schema(), indent=2))
 
 
+APP_HELP = ("Measure what is inside a language model: weights, activations, quantization error, "
+            "perplexity, robustness, pruning.")
+
+
 def build_app() -> typer.Typer:
+    """The whole command tree as one Typer app, every group and command built now (for callers
+    that want the Typer object; the console script uses the lazy tree of :func:`_click_command`)."""
     app = typer.Typer(name="llmprobe", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                      rich_markup_mode="rich",
-                      help="Measure what is inside a language model: weights, activations, quantization error, "
-                           "perplexity, robustness, pruning.")
+                      rich_markup_mode="rich", help=APP_HELP)
     app.callback()(_root)
-    groups: dict[str, typer.Typer] = {}
     for group in registry.groups().values():
-        groups[group.name] = typer.Typer(no_args_is_help=True, help=group.help)
-        app.add_typer(groups[group.name], name=group.name, help=group.help)
-    for analysis in registry.analyses().values():
-        groups[analysis.group].command(analysis.command, help=analysis.help)(_command(analysis))
+        app.add_typer(_group_app(group.name, group.help), name=group.name, help=group.help)
     app.command("schema")(_schema)
     return app
+
+
+def _group_app(name: str, help: str) -> typer.Typer:
+    group_app = typer.Typer(no_args_is_help=True, help=help)
+    for analysis in registry.group_analyses(name):
+        group_app.command(analysis.command, help=analysis.help)(_command(analysis))
+    return group_app
+
+
+class LazyGroup(TyperGroup):
+    """A command group that imports its catalog module when first used and builds a command (its
+    options, Typer's parameter adapters) only when that command is invoked or its help shown:
+    ``llmprobe weights alpha-hill`` builds one command, not the tree. The group's own help lists
+    its commands from their declarations, through light stand-ins."""
+
+    def __init__(self, *, group: str, **attrs: Any):
+        super().__init__(name=group, no_args_is_help=True, **attrs)
+        self.group = group
+        self._listing = False
+
+    def _declared(self) -> dict[str, registry.Analysis]:
+        if "analyses" not in self.__dict__:
+            self.__dict__["analyses"] = {a.command: a for a in registry.group_analyses(self.group)}
+        return self.__dict__["analyses"]
+
+    def list_commands(self, ctx) -> list[str]:
+        return [*self._declared(), *(c for c in self.commands if c not in self._declared())]
+
+    def get_command(self, ctx, cmd_name: str):
+        if cmd_name in self.commands:
+            return self.commands[cmd_name]
+        analysis = self._declared().get(cmd_name)
+        if analysis is None:
+            return None
+        if self._listing:  # the group's help needs the name and first help line only
+            from typer.core import TyperCommand
+
+            return TyperCommand(name=cmd_name, help=analysis.help, rich_markup_mode=self.rich_markup_mode)
+        one = typer.Typer()
+        one.command(analysis.command, help=analysis.help)(_command(analysis))
+        built = typer.main.get_command(one)
+        self.commands[cmd_name] = built.commands[cmd_name] if isinstance(built, TyperGroup) else built
+        return self.commands[cmd_name]
+
+    def format_help(self, ctx, formatter) -> None:
+        self._listing = True
+        try:
+            super().format_help(ctx, formatter)
+        finally:
+            self._listing = False
+
+
+class LazyRoot(TyperGroup):
+    """The root: lists the groups declared in the catalog without importing it."""
+
+    def _groups(self) -> dict[str, registry.DeclaredGroup]:
+        if "groups" not in _built:
+            _built["groups"] = {g.name: g for g in registry.declared_groups()}
+        return _built["groups"]
+
+    def list_commands(self, ctx) -> list[str]:
+        return [*self._groups(), *(c for c in self.commands if c not in self._groups())]
+
+    def get_command(self, ctx, cmd_name: str):
+        if cmd_name in self.commands:
+            return self.commands[cmd_name]
+        declared = self._groups().get(cmd_name)
+        if declared is None:
+            return None
+        self.commands[cmd_name] = LazyGroup(group=cmd_name, help=declared.help,
+                                            rich_markup_mode=self.rich_markup_mode)
+        return self.commands[cmd_name]
 
 
 _argv: dict[str, Any] = {"value": None}
@@ -182,9 +269,14 @@ _built: dict[str, Any] = {}
 
 
 def _click_command():
-    """The whole command tree, built once per process (in-process callers run many commands)."""
+    """The root command, built once per process (in-process callers run many commands); its
+    groups and their commands are built on demand (:class:`LazyRoot`)."""
     if "command" not in _built:
-        _built["command"] = typer.main.get_command(build_app())
+        app = typer.Typer(name="llmprobe", cls=LazyRoot, no_args_is_help=True, add_completion=False,
+                          pretty_exceptions_enable=False, rich_markup_mode="rich", help=APP_HELP)
+        app.callback()(_root)
+        app.command("schema")(_schema)
+        _built["command"] = typer.main.get_command(app)
     return _built["command"]
 
 

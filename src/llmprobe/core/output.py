@@ -40,19 +40,21 @@ import shutil
 import socket
 import stat
 import sys
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from .errors import LLMProbeError
+
+# The atomic writers live in core/files.py (importable without pandas/pydantic: figure workers).
+from .files import atomic_write_bytes, atomic_write_text, current_umask  # noqa: F401  (re-exported)
 from .paths import describe_kind, expand_user
 from .records import Record
+
+if TYPE_CHECKING:  # pandas is imported when a table is written (figure workers never need it)
+    import pandas as pd
 
 _LIBRARIES = ("torch", "transformers", "accelerate", "safetensors", "gguf", "numpy", "scipy", "pandas",
               "pydantic", "typer", "rich", "matplotlib", "scikit-learn", "datasets")
@@ -74,43 +76,6 @@ def slugify(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", "--".join(base)).strip("-") or "model"
 
 
-# --------------------------------------------------------------------------------------------
-# atomic files that follow the umask
-
-def current_umask() -> int:
-    """The process umask, read without changing it where the OS allows (Linux /proc); read
-    each time, since a caller may change it between runs."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)  # no /proc: the classic set-and-restore
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        # mkstemp creates 0600; a result file should be readable as any file the user writes.
-        os.fchmod(fd, 0o666 & ~current_umask())
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def _json_safe(value: Any) -> Any:
     # JSON has no NaN/Infinity; write null so every consumer can parse the file.
     if isinstance(value, float) and not math.isfinite(value):
@@ -127,6 +92,8 @@ def dumps_json(obj: Any) -> str:
 
 
 def records_to_frame(records: Sequence[Record]) -> pd.DataFrame:
+    import pandas as pd
+
     rows = [r.row() for r in records]
     if not rows:
         return pd.DataFrame()
@@ -139,6 +106,8 @@ def records_to_frame(records: Sequence[Record]) -> pd.DataFrame:
 
 
 def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
     found = {}
     for name in _LIBRARIES:
         try:
@@ -626,27 +595,28 @@ class RunOutput:
         atomic_write_text(path, dumps_json(obj))
         return path
 
-    def save_figure(self, fig, name: str, fmt: str = "png", dpi: int = 120, *, tight: bool = True,
+    def save_figure(self, fig, name: str, fmt: str = "png", dpi: int = 120, *, tight: bool | None = None,
                     close: bool = True) -> Path:
         """Save a matplotlib figure atomically as ``name.<fmt>``.
 
-        ``tight=False`` skips the tight bounding box (a second full draw) for figures whose
-        layout is fixed; ``close=False`` keeps the figure open for reuse.
+        ``tight=None`` crops to the tight bounding box only for figures without a layout engine
+        (constrained layout already fits; the crop is a second full draw); ``close=False``
+        keeps the figure open for reuse.
         """
-        import io
-
-        import matplotlib.pyplot as plt
+        from .figures import render_figure
 
         path = self.path(f"{name}.{fmt}")
-        buffer = io.BytesIO()
-        try:
-            fig.savefig(buffer, format=fmt, dpi=dpi, bbox_inches="tight" if tight else None)
-        finally:
-            if close:
-                plt.close(fig)
+        data = render_figure(fig, fmt, dpi=dpi, tight=tight, close=close)
         self._register(path)
-        atomic_write_bytes(path, buffer.getvalue())
+        atomic_write_bytes(path, data)
         return path
+
+    def publish(self, relative: str, staged: str | Path) -> None:
+        """Rename a file staged in the run folder (by a figure worker) into place as ``relative``,
+        listed in the manifest first like every file of the run."""
+        path = self.path(relative)
+        self._register(path)
+        os.replace(staged, path)
 
 
 def default_out_dir(model_slug: str, group: str, command: str) -> Path:

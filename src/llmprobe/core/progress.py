@@ -9,20 +9,24 @@ import sys
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-
 T = TypeVar("T")
 
 _state = {"quiet": False}
-stderr_console = Console(stderr=True)
+
+
+def __getattr__(name: str):
+    # rich is imported on the first bar or status line, not at start-up (--help, --version).
+    if name == "stderr_console":
+        return _stderr_console()
+    raise AttributeError(name)
+
+
+def _stderr_console():
+    if "console" not in _state:
+        from rich.console import Console
+
+        _state["console"] = Console(stderr=True)
+    return _state["console"]
 
 
 def set_quiet(quiet: bool) -> None:
@@ -62,9 +66,18 @@ def track(iterable: Iterable[T], description: str, total: int | None = None) -> 
             total = len(iterable)  # type: ignore[arg-type]
         except TypeError:
             total = None
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
-    with Progress(*columns, console=stderr_console, transient=True) as progress:
+    with Progress(*columns, console=_stderr_console(), transient=True) as progress:
         task = progress.add_task(description, total=total)
         for item in iterable:
             yield item
@@ -74,7 +87,7 @@ def track(iterable: Iterable[T], description: str, total: int | None = None) -> 
 def info(message: str) -> None:
     """A status line on stderr, unless quiet (or stderr is not a terminal)."""
     if not is_quiet():
-        stderr_console.print(message, highlight=False)
+        _stderr_console().print(message, highlight=False)
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")

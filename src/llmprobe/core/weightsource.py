@@ -39,10 +39,17 @@ class WeightSource:
         source = model if isinstance(model, ModelSource) else resolve_source(
             model, revision=revision, trust_remote_code=trust_remote_code)
         if source.kind in ("embedded", "gguf"):
+            # Dequantizing a GGUF costs seconds on every read; load_model converts it once into
+            # fp32 safetensors under the cache, and weight commands share that copy (building it
+            # when absent, as load_model would). Architectures transformers cannot convert are
+            # read from the GGUF directly.
             converted = _existing_conversion(source)
-            if converted is not None:  # dequantized once already: plain fp32 safetensors, fastest
-                return SafetensorsSource(converted, source)
-            return GGUFSource(source)
+            if converted is None:
+                try:
+                    converted = _build_conversion(source)
+                except LLMProbeError:
+                    return GGUFSource(source)
+            return ConvertedGGUFSource(converted, source)
         if source.kind == "local":
             return SafetensorsSource(Path(source.location), source)
         return SafetensorsSource(_hub_snapshot(source), source)
@@ -242,6 +249,52 @@ def _existing_conversion(source: ModelSource) -> Path | None:
     name = EMBEDDED_NAME if source.kind == "embedded" else gguf.stem
     target = cache_root() / "models" / f"{name}-{_gguf_key(gguf)}"
     return target if (target / "llmprobe-converted.json").is_file() else None
+
+
+def _build_conversion(source: ModelSource) -> Path:
+    from .loading import EMBEDDED_NAME, converted_gguf_dir
+
+    return converted_gguf_dir(source.gguf_path, name=EMBEDDED_NAME if source.kind == "embedded" else None)
+
+
+class ConvertedGGUFSource(SafetensorsSource):
+    """A GGUF read through its cached fp32 safetensors conversion: the same tensors under the
+    same names as :class:`GGUFSource` (tests/test_speed.py checks it), without dequantizing
+    again. What is *stored* is still the GGUF: ``stored_dtype`` reports its quantization types
+    (Q4_1, F32, ...) and ``bytes_on_disk`` its size, whichever way the tensors are read."""
+
+    kind = "gguf-converted"
+    DTYPES_FILE = "gguf-stored-dtypes.json"
+
+    def __init__(self, directory: Path, source: ModelSource):
+        super().__init__(directory, source)
+        self.gguf_path = Path(source.gguf_path)
+
+    @cached_property
+    def _gguf_dtypes(self) -> dict[str, str]:
+        # Read once from the GGUF header (through GGUFSource's name map) and kept next to the
+        # conversion, so later runs open neither the GGUF nor the module map for it.
+        side = self.directory / self.DTYPES_FILE
+        if side.is_file():
+            try:
+                return json.loads(side.read_text())
+            except ValueError:
+                pass
+        gguf = GGUFSource(self.source)
+        dtypes = {name: gguf.stored_dtype(name) for name in gguf.names()}
+        try:
+            from .files import atomic_write_text
+
+            atomic_write_text(side, json.dumps(dtypes, indent=1))
+        except OSError:  # a read-only cache still works, it just reads the header again next time
+            pass
+        return dtypes
+
+    def stored_dtype(self, name: str) -> str:
+        return self._gguf_dtypes.get(name) or super().stored_dtype(name)
+
+    def bytes_on_disk(self) -> int:
+        return self.gguf_path.stat().st_size
 
 
 def _hub_snapshot(source: ModelSource) -> Path:

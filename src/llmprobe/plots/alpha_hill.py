@@ -2,7 +2,9 @@
 
 Every function takes the result rows as dicts (``PrecisionAlphaHill.row()``) and the precisions
 in column order, and returns or yields plain :class:`matplotlib.figure.Figure` objects (Agg, no
-pyplot state); the CLI saves them with ``RunOutput.save_figure``.
+pyplot state). The figure set :func:`alpha_hill_figures` yields them described as data
+(:class:`~llmprobe.core.figures.Deferred`), so the writer draws them in worker processes and the
+main process never imports matplotlib (it is imported inside the drawing functions).
 
 Precision effects on alpha are tiny next to alpha itself (fp16 moves it by ~1e-6 relative), so
 bars of alpha alone look identical across precisions. Wherever there is more than one precision,
@@ -15,14 +17,18 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterator, Sequence
-
-import matplotlib
-
-matplotlib.use("Agg")
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+
+from ..core.figures import Deferred, DeferredSet
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+# Per-matrix figures drawn by one worker call (each call reuses one Figure for its chunk).
+INDIVIDUAL_CHUNK = 24
+BAR_CHUNK = 8
 
 MAX_TICK_LABELS = 60
 _COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
@@ -50,8 +56,17 @@ def _width(count: int, per_item: float, base: float = 6.0, cap: float = 30.0) ->
     return min(cap, max(base, 2.0 + per_item * count))
 
 
+def _Figure(*args, **kwargs) -> Figure:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    return Figure(*args, **kwargs)
+
+
 def _new_figure(width: float, with_delta: bool) -> tuple[Figure, list]:
-    figure = Figure(figsize=(width, 5.5 if with_delta else 3.6), layout="constrained")
+    figure = _Figure(figsize=(width, 5.5 if with_delta else 3.6), layout="constrained")
     if with_delta:
         axes = figure.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 2]})
         return figure, list(axes)
@@ -87,7 +102,7 @@ def _grouped_bars(axes: list, rows: Sequence[dict], precisions: Sequence[str], a
 
 def alpha_distribution_figure(rows: Sequence[dict], precisions: Sequence[str], alpha_label: str) -> Figure:
     """Box plot of alpha over all matrices, one box per precision (finite values)."""
-    figure = Figure(figsize=(_width(len(precisions), 1.0, base=5.0), 4.0), layout="constrained")
+    figure = _Figure(figsize=(_width(len(precisions), 1.0, base=5.0), 4.0), layout="constrained")
     ax = figure.subplots()
     data = []
     for precision in precisions:
@@ -151,7 +166,7 @@ def individual_layer_figures(rows: Sequence[dict], precisions: Sequence[str],
     count = len(precisions)
     with_delta = count > 1
     panel_width = 1.4 + 0.45 * count
-    figure = Figure(figsize=(2 * panel_width + 0.6 if with_delta else panel_width + 0.6, 3.2))
+    figure = _Figure(figsize=(2 * panel_width + 0.6 if with_delta else panel_width + 0.6, 3.2))
     figure.subplots_adjust(left=0.12 if with_delta else 0.2, right=0.97, bottom=0.2, top=0.84, wspace=0.45)
     axes = list(figure.subplots(1, 2)) if with_delta else [figure.subplots()]
     rotation = 45 if count > 3 else 0
@@ -195,35 +210,114 @@ def individual_layer_figures(rows: Sequence[dict], precisions: Sequence[str],
         yield number, figure
 
 
-def alpha_vs_depth_figures(rows: Sequence[dict], precisions: Sequence[str],
-                           alpha_label: str) -> Iterator[tuple[str, Figure]]:
-    """Per category of block matrices: alpha against layer index, one line per precision."""
+def _depth_categories(rows: Sequence[dict]) -> dict[str, list[dict]]:
     categories: dict[str, list[dict]] = {}
     for row in rows:
         if row.get("layer_index") is not None:
             categories.setdefault(str(row["category"]), []).append(row)
-    for category, members in categories.items():
-        members = sorted(members, key=lambda row: row["layer_index"])
-        depth = np.array([row["layer_index"] for row in members])
-        figure, axes = _new_figure(_width(len(members), 0.15, base=6.0, cap=16.0), len(precisions) > 1)
-        reference = np.array([_alpha(row, precisions[0]) for row in members])
-        for index, precision in enumerate(precisions):
-            values = np.array([_alpha(row, precision) for row in members])
-            axes[0].plot(depth, values, marker="o", markersize=3, linewidth=1.2, label=precision,
+    return {category: sorted(members, key=lambda row: row["layer_index"]) for category, members in categories.items()}
+
+
+def alpha_vs_depth_figures(rows: Sequence[dict], precisions: Sequence[str],
+                           alpha_label: str) -> Iterator[tuple[str, Figure]]:
+    """Per category of block matrices: alpha against layer index, one line per precision."""
+    for category, members in _depth_categories(rows).items():
+        yield category, alpha_vs_depth_figure(members, precisions, alpha_label, category)
+
+
+def alpha_vs_depth_figure(members: Sequence[dict], precisions: Sequence[str], alpha_label: str,
+                          category: str) -> Figure:
+    """Alpha against layer index for the matrices of one category (in depth order)."""
+    from matplotlib.ticker import MaxNLocator
+
+    depth = np.array([row["layer_index"] for row in members])
+    figure, axes = _new_figure(_width(len(members), 0.15, base=6.0, cap=16.0), len(precisions) > 1)
+    reference = np.array([_alpha(row, precisions[0]) for row in members])
+    for index, precision in enumerate(precisions):
+        values = np.array([_alpha(row, precision) for row in members])
+        axes[0].plot(depth, values, marker="o", markersize=3, linewidth=1.2, label=precision,
+                     color=_color(index))
+        if len(axes) > 1 and index > 0:
+            axes[1].plot(depth, values - reference, marker="o", markersize=3, linewidth=1.0,
                          color=_color(index))
-            if len(axes) > 1 and index > 0:
-                axes[1].plot(depth, values - reference, marker="o", markersize=3, linewidth=1.0,
-                             color=_color(index))
-        axes[0].set_ylabel(alpha_label)
-        axes[0].set_title(f"{alpha_label} vs depth — {category}", fontsize=10)
-        axes[0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-        if len(axes) > 1:
-            axes[1].axhline(0.0, color="black", linewidth=0.6)
-            axes[1].set_ylabel(f"Δα vs {precisions[0]}")
-            axes[1].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
-        axes[-1].set_xlabel("layer index")
-        axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
-        yield category, figure
+    axes[0].set_ylabel(alpha_label)
+    axes[0].set_title(f"{alpha_label} vs depth — {category}", fontsize=10)
+    axes[0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    if len(axes) > 1:
+        axes[1].axhline(0.0, color="black", linewidth=0.6)
+        axes[1].set_ylabel(f"Δα vs {precisions[0]}")
+        axes[1].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    axes[-1].set_xlabel("layer index")
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
+    return figure
+
+
+def reused_bar_figures(groups: Sequence[tuple[str, list[dict], str]], precisions: Sequence[str],
+                       alpha_label: str) -> Iterator[tuple[str, Figure, dict]]:
+    """The grouped-bar figures of ``groups`` ((stem, rows, title) each), drawing one Figure per
+    distinct row count and updating its bars, labels and limits for each group.
+
+    Constrained layout costs as much as the drawing itself, and the combined batches all have
+    the same shape, so the layout is computed once per shape — against the longest tick label
+    of all groups, so no later label is clipped — and then frozen.
+    """
+    longest = max((short_label(row) for _, rows, _ in groups for row in rows), key=len, default="")
+    built: dict[int, tuple] = {}
+    try:
+        for stem, rows, title in groups:
+            count = len(rows)
+            if count not in built:
+                built[count] = _frozen_bar_figure(count, precisions, alpha_label, longest)
+            figure, axes, containers, delta_containers, step = built[count]
+            _update_bars(axes, containers, delta_containers, rows, precisions, step)
+            axes[0].set_title(title, fontsize=10)
+            yield stem, figure, {"tight": False, "close": False}
+    finally:
+        for figure, *_ in built.values():
+            figure.clear()
+
+
+def _frozen_bar_figure(count: int, precisions: Sequence[str], alpha_label: str, longest: str) -> tuple:
+    placeholder = [{"alpha_" + p: 1.0 for p in precisions} | {"layer_name": longest, "category": "",
+                                                              "layer_index": None} for _ in range(count)]
+    figure, axes = _new_figure(_width(count, 0.12 * len(precisions) + 0.15), len(precisions) > 1)
+    _grouped_bars(axes, placeholder, precisions, alpha_label)
+    axes[0].set_title("title", fontsize=10)
+    if len(axes) > 1:
+        axes[1].set_ylim(-1.5e-5, 1.5e-5)  # sci-notation offset text laid out like the real ones
+    figure.draw_without_rendering()  # constrained layout runs here, once, against the widest labels
+    figure.set_layout_engine("none")
+    containers = list(axes[0].containers)
+    delta_containers = list(axes[1].containers) if len(axes) > 1 else []
+    step = max(1, math.ceil(count / MAX_TICK_LABELS))
+    return figure, axes, containers, delta_containers, step
+
+
+def _update_bars(axes: list, containers: list, delta_containers: list, rows: Sequence[dict],
+                 precisions: Sequence[str], step: int) -> None:
+    reference = np.array([_alpha(row, precisions[0]) for row in rows])
+    tops, lows, reach = [], [0.0], 0.0
+    for index, precision in enumerate(precisions):
+        values = np.array([_alpha(row, precision) for row in rows])
+        heights = np.nan_to_num(values, nan=0.0)
+        for bar, height in zip(containers[index], heights):
+            bar.set_height(height)
+        tops.append(float(heights.max()) if heights.size else 0.0)
+        lows.append(float(heights.min()) if heights.size else 0.0)
+        if delta_containers and index > 0:
+            deltas = np.nan_to_num(values - reference, nan=0.0)
+            for bar, delta in zip(delta_containers[index - 1], deltas):
+                bar.set_height(delta)
+            reach = max(reach, float(np.abs(deltas).max()) if deltas.size else 0.0)
+    top, low = max(tops + [0.0]), min(lows)
+    span = (top - low) or 1.0
+    axes[0].set_ylim(low - 0.05 * span if low < 0 else 0.0, top + 0.05 * span)
+    if delta_containers:
+        reach = reach * 1.1 or 1.0
+        axes[1].set_ylim(-reach, reach)
+    positions = np.arange(len(rows))
+    axes[-1].set_xticks(positions[::step], [short_label(row) for row in rows][::step], rotation=70,
+                        ha="right", fontsize=7)
 
 
 # -- the figure set of weights alpha-hill (llmprobe.catalog.weights) ---------------------------
@@ -234,22 +328,47 @@ def _file_part(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", str(name).removesuffix(".weight")).strip("_") or "matrix"
 
 
+def individual_layer_set(rows: Sequence[dict], first_number: int, precisions: Sequence[str],
+                         alpha_label: str) -> Iterator[tuple[str, Figure, dict]]:
+    """One chunk of the per-matrix figures, numbered from ``first_number``, one reused Figure."""
+    # Hundreds of per-layer figures share one fixed layout: skip the tight bounding box (a
+    # second full draw) and keep the figure open for the next matrix.
+    options = {"dpi": 90, "tight": False, "close": False}
+    for (number, figure), row in zip(individual_layer_figures(rows, precisions, alpha_label), rows):
+        yield (f"plots/individual_layers/layer_{first_number + number - 1:03d}_{_file_part(row['layer_name'])}",
+               figure, options)
+
+
 def alpha_hill_figures(result, o):
     """Seed 001's figure set under ``plots/``, plus alpha against depth per category; the
-    one-bar-chart-per-matrix set only with ``--individual-plots``."""
+    one-bar-chart-per-matrix set only with ``--individual-plots``. Every figure is described as
+    data (the writer draws them in worker processes)."""
     rows = [row.row() for row in result.tables["precision_alpha_hill_results"]]
-    precisions = result.manifest["precisions"]
+    precisions = list(result.manifest["precisions"])
     label = "Alpha-Hill" if o.fit == "hill" else "alpha (power-law fit)"
-    yield "plots/alpha_distribution_by_precision", alpha_distribution_figure(rows, precisions, label)
-    for category, figure in category_figures(rows, precisions, label):
-        yield f"plots/category_{_file_part(category)}", figure
-    for number, figure in combined_batch_figures(rows, precisions, label, o.max_layers_per_plot):
-        yield f"plots/combined_batch_{number}", figure
-    for category, figure in alpha_vs_depth_figures(rows, precisions, label):
-        yield f"plots/alpha_vs_depth_{_file_part(category)}", figure
+    here = __name__
+    yield "plots/alpha_distribution_by_precision", Deferred(f"{here}:alpha_distribution_figure",
+                                                            (rows, precisions, label))
+    # Category and combined-batch bar charts: redrawn in place on a few reused figures, in
+    # chunks so that several workers share them.
+    groups: list[tuple[str, list[dict], str]] = []
+    categories: dict[str, list[dict]] = {}
+    for row in rows:
+        categories.setdefault(str(row["category"]), []).append(row)
+    for category, members in categories.items():
+        groups.append((f"plots/category_{_file_part(category)}", members,
+                       f"{label} by precision — {category} ({len(members)} matrices)"))
+    size = len(rows) if o.max_layers_per_plot <= 0 else o.max_layers_per_plot
+    for number, start in enumerate(range(0, len(rows), max(size, 1)), start=1):
+        batch = rows[start:start + size]
+        groups.append((f"plots/combined_batch_{number}", batch,
+                       f"{label} by precision — matrices {start + 1}–{start + len(batch)} of {len(rows)}"))
+    for start in range(0, len(groups), BAR_CHUNK):
+        yield "plots", DeferredSet(f"{here}:reused_bar_figures", (groups[start:start + BAR_CHUNK], precisions, label))
+    for category, members in _depth_categories(rows).items():
+        yield f"plots/alpha_vs_depth_{_file_part(category)}", Deferred(
+            f"{here}:alpha_vs_depth_figure", (members, precisions, label, category))
     if o.individual_plots:
-        # Hundreds of per-layer figures share one fixed layout: skip the tight bounding box (a
-        # second full draw) and keep the figure open for the next matrix.
-        for (number, figure), row in zip(individual_layer_figures(rows, precisions, label), rows):
-            yield (f"plots/individual_layers/layer_{number:03d}_{_file_part(row['layer_name'])}", figure,
-                   {"dpi": 90, "tight": False, "close": False})
+        for start in range(0, len(rows), INDIVIDUAL_CHUNK):
+            yield "plots/individual_layers", DeferredSet(
+                f"{here}:individual_layer_set", (rows[start:start + INDIVIDUAL_CHUNK], start + 1, precisions, label))

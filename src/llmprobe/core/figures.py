@@ -1,0 +1,290 @@
+"""Figures written fast: drawn from a description, in worker processes when there are many.
+
+A figure set (``plots/<...>_figures``) yields ``(stem, figure[, save options])``. ``figure`` is a
+matplotlib Figure (drawn and saved here, in this process, as before) or a :class:`Deferred`: the
+name of a figure function and its arguments (plain data: rows as dicts, labels). Deferred figures
+are drawn by a small pool of worker processes, so the main process pays neither for drawing them
+nor, when a set yields only deferred figures, for importing matplotlib; each worker draws and
+saves whole figures, so nothing but file names travels back. A :class:`DeferredSet` is one call
+that yields several ``(stem, figure[, save options])`` pairs — for sets that reuse one Figure and
+update its artists (hundreds of per-matrix bar charts): each worker reuses its own.
+
+The same description drawn serially (one worker or ``LLMPROBE_FIGURE_WORKERS=0``) writes the same
+files with the same bytes; ``tests/test_speed.py`` checks it. Workers write each figure to a
+temporary file in the run folder; the run lists it in its manifest and then renames it into
+place, like every file it writes (core/output.py).
+
+Why processes: a figure costs tens to hundreds of milliseconds of pure-Python text layout and
+Agg rendering under the GIL, so threads do not help; figures are independent, so processes do.
+Workers are fresh interpreters (``python -c``) fed pickled tasks on stdin, not
+``multiprocessing`` children: forking a parent that holds torch's thread pools can deadlock, and
+``spawn``/``forkserver`` re-import the caller's ``__main__`` (a user script without a
+``if __name__ == "__main__"`` guard would run again in every worker).
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Fewer deferred figures than this are drawn in-process: starting workers costs ~1 s of imports.
+MIN_PARALLEL = 6
+MAX_WORKERS = 4
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """One figure described as data: ``target`` ('module:function') called with ``args`` and
+    ``kwargs`` in whichever process draws it; it returns a Figure or a list of Figures (saved as
+    ``stem_1``, ``stem_2``, ... like a list yielded directly)."""
+
+    target: str
+    args: tuple = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def build(self):
+        return _resolve(self.target)(*self.args, **self.kwargs)
+
+
+@dataclass(frozen=True)
+class DeferredSet:
+    """Several figures from one call: ``target(*args, **kwargs)`` yields ``(stem, Figure[, save
+    options])``; each figure is saved before the iterator advances (it may reuse one Figure)."""
+
+    target: str
+    args: tuple = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def build(self) -> Iterator[tuple]:
+        return _resolve(self.target)(*self.args, **self.kwargs)
+
+
+def _resolve(target: str):
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def render_figure(fig, fmt: str = "png", dpi: int = 120, *, tight: bool | None = None, close: bool = True) -> bytes:
+    """The bytes of a saved figure.
+
+    ``tight=None`` (the default) crops to the tight bounding box only when the figure has no
+    layout engine: a constrained-layout figure already fits its labels and outside legends, and
+    the tight box would cost a second full draw. ``close=False`` keeps a reused figure open.
+    """
+    if tight is None:
+        tight = fig.get_layout_engine() is None
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format=fmt, dpi=dpi, bbox_inches="tight" if tight else None)
+    finally:
+        if close:
+            _close(fig)
+    return buffer.getvalue()
+
+
+def _close(fig) -> None:
+    # Figures made with matplotlib.figure.Figure are not registered with pyplot; only close
+    # pyplot's own (importing pyplot just to close would cost its import).
+    import sys
+
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    if pyplot is not None:
+        pyplot.close(fig)
+
+
+def stage_figure_file(fig, directory: Path, stem: str, fmt: str, **options: Any) -> tuple[str, str]:
+    """Render ``fig`` into a temporary file in ``directory`` beside ``stem.fmt``; returns
+    (``stem.fmt``, the temporary file). The run lists the file in its manifest and then renames
+    it into place (:meth:`RunOutput.publish`), as it does for every file it writes."""
+    from .files import stage_bytes
+
+    relative = f"{stem}.{fmt}"
+    return relative, str(stage_bytes(Path(directory) / relative, render_figure(fig, fmt, **options)))
+
+
+def draw_task(task: tuple, directory: str, fmt: str) -> list[tuple[str, str]]:
+    """Draw one task (in a worker, or in-process) into staged files; returns (file, staged temp
+    file) pairs in order."""
+    stem, described, options = task
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    staged = []
+    if isinstance(described, DeferredSet):
+        for item in described.build():
+            sub_stem, figure, *extra = item
+            staged.extend(_stage(figure, Path(directory), sub_stem, fmt, {**options, **(extra[0] if extra else {})}))
+        return staged
+    return _stage(described.build(), Path(directory), stem, fmt, options)
+
+
+def _stage(figure, directory: Path, stem: str, fmt: str, options: dict) -> list[tuple[str, str]]:
+    if isinstance(figure, list):
+        return [stage_figure_file(fig, directory, stem if len(figure) == 1 else f"{stem}_{i}", fmt, **options)
+                for i, fig in enumerate(figure, start=1)]
+    return [stage_figure_file(figure, directory, stem, fmt, **options)]
+
+
+def figure_workers(tasks: int) -> int:
+    """Worker processes for ``tasks`` deferred figures: ``LLMPROBE_FIGURE_WORKERS`` if set (0 or 1:
+    in-process), else up to 4, one per core, none for a handful of figures."""
+    forced = os.environ.get("LLMPROBE_FIGURE_WORKERS")
+    if forced is not None:
+        try:
+            return max(0, int(forced))
+        except ValueError:
+            return 0
+    if tasks < MIN_PARALLEL:
+        return 0
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    return min(MAX_WORKERS, cores, tasks) if cores > 1 else 0
+
+
+def write_figures(run, figures: Iterable[tuple], fmt: str) -> list[str]:
+    """Save every ``(stem, figure[, options])`` of a figure set into ``run`` (a RunOutput).
+
+    Figures already drawn are saved at once, in order; deferred ones afterwards, in parallel when
+    there are enough of them, each registered in the order the set yielded it. Returns the files.
+    """
+    from . import progress
+
+    written: list[str] = []
+    tasks: list[tuple] = []
+    for item in progress.track(figures, "figures"):
+        stem, figure, *extra = item
+        options = dict(extra[0]) if extra else {}
+        if isinstance(figure, (Deferred, DeferredSet)):
+            tasks.append((stem, figure, options))
+            continue
+        for relative, staged in _stage(figure, run.dir, stem, fmt, options):
+            run.publish(relative, staged)
+            written.append(relative)
+    if tasks:
+        drawn: dict[int, list[tuple[str, str]]] = {}
+        try:
+            for index, files in progress.track(_draw_all(tasks, run.dir, fmt), "figures", total=len(tasks)):
+                drawn[index] = files
+            for index in range(len(tasks)):  # listed and published in the order the set yielded them
+                for relative, staged in drawn.pop(index):
+                    run.publish(relative, staged)
+                    written.append(relative)
+        finally:  # a failed run leaves no staged figures behind
+            for files in drawn.values():
+                for _, staged in files:
+                    Path(staged).unlink(missing_ok=True)
+    return written
+
+
+def _draw_all(tasks: list[tuple], directory: Path, fmt: str) -> Iterator[tuple[int, list[tuple[str, str]]]]:
+    """(task index, files) for every task, in completion order; drawn by worker processes when
+    that pays, else here."""
+    workers = figure_workers(len(tasks))
+    if workers <= 1:
+        for index, task in enumerate(tasks):
+            yield index, draw_task(task, str(directory), fmt)
+        return
+    yield from _WorkerPool(workers).run(tasks, str(directory), fmt)
+
+
+# A worker: put the parent's import path first, then serve tasks (see _serve).
+_BOOT = ("import pickle, sys; sys.path[:0] = pickle.load(sys.stdin.buffer); "
+         "from llmprobe.core.figures import _serve; _serve()")
+
+
+class _WorkerPool:
+    """``count`` worker interpreters, each fed one task at a time by a thread of this process
+    (dynamic balancing: a worker that finishes early takes the next figure)."""
+
+    def __init__(self, count: int):
+        self.count = count
+
+    def run(self, tasks: list[tuple], directory: str, fmt: str) -> Iterator[tuple[int, list[tuple[str, str]]]]:
+        import pickle
+        import queue
+        import subprocess
+        import sys
+        import threading
+
+        env = {**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+               "MKL_NUM_THREADS": "1"}
+        procs = [subprocess.Popen([sys.executable, "-c", _BOOT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  env=env) for _ in range(self.count)]
+        pending = iter(range(len(tasks)))
+        lock = threading.Lock()
+        done: queue.Queue = queue.Queue()
+
+        def feed(proc) -> None:
+            try:
+                pickle.dump([p for p in sys.path if p], proc.stdin)
+                while True:
+                    with lock:
+                        index = next(pending, None)
+                    if index is None:
+                        break
+                    pickle.dump((tasks[index], directory, fmt), proc.stdin)
+                    proc.stdin.flush()
+                    status, payload = pickle.load(proc.stdout)
+                    done.put((index, status, payload))
+                    if status != "ok":
+                        break
+            except (EOFError, OSError, pickle.UnpicklingError) as exc:
+                done.put((None, "error", f"figure worker exited unexpectedly ({type(exc).__name__})"))
+            finally:
+                done.put((None, "finished", None))
+
+        threads = [threading.Thread(target=feed, args=(proc,), daemon=True) for proc in procs]
+        for thread in threads:
+            thread.start()
+        try:
+            finished = 0
+            while finished < len(threads):
+                index, status, payload = done.get()
+                if status == "finished":
+                    finished += 1
+                elif status == "ok":
+                    yield index, payload
+                else:
+                    with lock:  # stop handing out tasks; the error below ends the run
+                        for _ in pending:
+                            pass
+                    raise RuntimeError(f"drawing a figure failed in a worker process:\n{payload}")
+        finally:
+            for proc in procs:
+                try:
+                    proc.stdin.close()
+                except OSError:
+                    pass
+            for proc in procs:
+                try:
+                    proc.wait(timeout=10)
+                except Exception:
+                    proc.kill()
+
+
+def _serve() -> None:
+    """A worker's loop: read (task, directory, fmt), draw it, answer ("ok", files) or
+    ("error", traceback). Results go to a private copy of stdout; anything a library prints
+    goes to stderr."""
+    import pickle
+    import sys
+    import traceback
+
+    results = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    while True:
+        try:
+            task, directory, fmt = pickle.load(sys.stdin.buffer)
+        except EOFError:
+            return
+        try:
+            answer = ("ok", draw_task(task, directory, fmt))
+        except BaseException:  # report any failure to the parent, which raises it
+            answer = ("error", traceback.format_exc())
+        pickle.dump(answer, results)
+        results.flush()

@@ -1,0 +1,216 @@
+"""Speed work that must not change results: the lazy command tree lists every command, figures
+drawn by worker processes equal those drawn in-process, and weight commands reading a GGUF
+through its cached safetensors conversion see the very tensors of the GGUF."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_cli
+
+from llmprobe import registry
+from llmprobe.core.output import RunOutput
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------ start-up
+
+
+def test_root_help_lists_every_group_without_importing_the_catalog():
+    declared = registry.declared_groups()
+    assert [(g.name, g.help) for g in declared] == [(g.name, g.help) for g in registry.groups().values()]
+    out = run_cli("--help").stdout
+    for group in registry.groups():
+        assert group in out
+
+
+def test_every_group_help_lists_all_its_commands_and_every_command_has_help():
+    for group in registry.groups():
+        result = run_cli(group, "--help")
+        assert result.code == 0, result
+        commands = [a.command for a in registry.analyses().values() if a.group == group]
+        assert commands, group
+        for command in commands:
+            assert command in result.stdout, (group, command)
+            assert run_cli(group, command, "--help").code == 0, (group, command)
+
+
+def test_a_command_builds_only_itself_and_version_imports_nothing_heavy():
+    code = (
+        "import sys\nfrom llmprobe.cli import app\n"
+        "try:\n    app.main(['--version'])\nexcept SystemExit:\n    pass\n"
+        "print('VERSION', sorted(m for m in ('pydantic', 'rich', 'pandas', 'torch', 'llmprobe.options') "
+        "if m in sys.modules))\n"
+        "try:\n    app.main(['weights', 'stats', '--help'])\nexcept SystemExit:\n    pass\n"
+        "root = app._built['command']\n"
+        "print('GROUPS', sorted(root.commands))\n"
+        "print('BUILT', sorted(root.commands['weights'].commands))\n"
+        "print('CATALOG', sorted(m for m in sys.modules if m.startswith('llmprobe.catalog.')))\n"
+        "print('HEAVY', [m for m in ('torch', 'transformers', 'matplotlib') if m in sys.modules])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    lines = dict(line.split(" ", 1) for line in out.splitlines() if line.split(" ", 1)[0].isupper())
+    assert lines["VERSION"] == "[]"
+    assert lines["GROUPS"] == "['schema', 'weights']"
+    assert lines["BUILT"] == "['stats']"
+    assert lines["CATALOG"] == "['llmprobe.catalog.weights']"
+    assert lines["HEAVY"] == "[]"
+
+
+def test_unknown_command_in_a_lazy_group_is_one_line_error():
+    result = run_cli("weights", "alpha-hil")
+    assert result.code == 2
+    assert "alpha-hil" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------ figures
+
+
+def _alpha_rows(layers: int = 7) -> list[dict]:
+    rows = []
+    for layer in range(layers):
+        for index, category in enumerate(("attn_q", "attn_k", "mlp_down")):
+            alpha = 2.0 + 0.1 * layer + index
+            rows.append({"layer_name": f"model.layers.{layer}.{category}.weight", "layer_index": layer,
+                         "category": category, "status": "ok", "alpha_fp32": alpha,
+                         "alpha_fp16": alpha + 1e-5 * (layer - 3)})
+    rows.append({"layer_name": "model.embed_tokens.weight", "layer_index": None, "category": "embedding",
+                 "status": "ok", "alpha_fp32": 3.0, "alpha_fp16": float("nan")})
+    return rows
+
+
+class _Row:
+    def __init__(self, values: dict):
+        self.values = values
+
+    def row(self) -> dict:
+        return dict(self.values)
+
+
+def _alpha_figures():
+    from llmprobe.plots.alpha_hill import alpha_hill_figures
+
+    result = types.SimpleNamespace(tables={"precision_alpha_hill_results": [_Row(r) for r in _alpha_rows()]},
+                                   manifest={"precisions": ["fp32", "fp16"]})
+    options = types.SimpleNamespace(fit="hill", max_layers_per_plot=4, individual_plots=True)
+    return alpha_hill_figures(result, options)
+
+
+def _write(tmp_path: Path, name: str, workers: int, monkeypatch) -> RunOutput:
+    from llmprobe.session import write_figures
+
+    monkeypatch.setenv("LLMPROBE_FIGURE_WORKERS", str(workers))
+    with RunOutput(tmp_path / name, command="test") as run:
+        write_figures(run, _alpha_figures(), "png")
+    return run
+
+
+def test_parallel_figures_write_the_same_files_and_bytes_as_serial(tmp_path, monkeypatch):
+    from llmprobe.core.figures import figure_workers
+
+    serial = _write(tmp_path, "serial", 0, monkeypatch)
+    parallel = _write(tmp_path, "parallel", 2, monkeypatch)
+    assert figure_workers(10) == 2  # the parallel run really used workers
+    pngs = [f for f in serial.files if f.endswith(".png")]
+    # 1 distribution, 4 categories, ceil(22/4)=6 batches, 3 alpha-vs-depth, 22 per-matrix
+    assert len(pngs) == 1 + 4 + 6 + 3 + 22
+    assert serial.files == parallel.files  # same files, registered in the same order
+    assert "plots/combined_batch_6.png" in pngs and "plots/alpha_vs_depth_mlp_down.png" in pngs
+    assert "plots/individual_layers/layer_022_model_embed_tokens.png" in pngs
+    from PIL import Image
+
+    for rel in pngs:
+        data = (serial.dir / rel).read_bytes()
+        assert data.startswith(PNG_SIGNATURE), rel
+        assert data == (parallel.dir / rel).read_bytes(), rel
+        with Image.open(serial.dir / rel) as image:
+            image.verify()
+    manifest = json.loads((parallel.dir / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and set(pngs) <= set(manifest["files"])
+
+
+def test_reused_bar_figures_equal_freshly_built_bars(tmp_path):
+    """The frozen-layout figure updated in place shows the same bars as one built for the group."""
+    from llmprobe.plots.alpha_hill import _bars_figure, reused_bar_figures
+
+    rows = _alpha_rows()
+    groups = [("a", rows[0:4], "first"), ("b", rows[4:8], "second")]
+    for (stem, rows_shown, title), (_, figure, options) in zip(groups, reused_bar_figures(groups, ["fp32", "fp16"],
+                                                                                           "alpha")):
+        fresh = _bars_figure(rows_shown, ["fp32", "fp16"], "alpha", title)
+        for got, want in zip(figure.axes, fresh.axes):
+            heights = [[bar.get_height() for bar in c] for c in got.containers]
+            assert heights == [[bar.get_height() for bar in c] for c in want.containers], stem
+            assert [t.get_text() for t in got.get_xticklabels()] == [t.get_text() for t in want.get_xticklabels()]
+        assert figure.axes[0].get_title() == title and options == {"tight": False, "close": False}
+
+
+def test_a_failing_figure_in_a_worker_is_an_error_in_the_caller(tmp_path, monkeypatch):
+    from llmprobe.core.figures import Deferred
+    from llmprobe.session import write_figures
+
+    monkeypatch.setenv("LLMPROBE_FIGURE_WORKERS", "2")
+    figures = [(f"f{i}", Deferred("math:sqrt", (-1.0,))) for i in range(3)]
+    with pytest.raises(RuntimeError, match="math domain error"):
+        with RunOutput(tmp_path / "r", command="test") as run:
+            write_figures(run, figures, "png")
+
+
+def test_figure_workers_default():
+    from llmprobe.core.figures import MIN_PARALLEL, figure_workers
+
+    assert figure_workers(MIN_PARALLEL - 1) == 0  # a handful of figures: drawn in-process
+
+
+# ------------------------------------------------------------------------------ GGUF weights
+
+
+def test_weight_source_reads_the_gguf_through_its_cached_conversion_with_identical_tensors():
+    from llmprobe.core.loading import resolve_source
+    from llmprobe.core.weightsource import ConvertedGGUFSource, GGUFSource, WeightSource
+
+    torch.set_num_threads(1)
+    ws = WeightSource.open(None)
+    assert isinstance(ws, ConvertedGGUFSource)
+    gguf = GGUFSource(resolve_source(None))
+    assert sorted(ws.names()) == sorted(gguf.names())
+    for name in gguf.names():
+        assert ws.shape(name) == gguf.shape(name), name
+        assert ws.stored_dtype(name) == gguf.stored_dtype(name), name  # the GGUF's types (Q4_1, F32)
+    assert ws.bytes_on_disk() == gguf.bytes_on_disk()
+    # every role, the rotary-permuted q/k at both ends, embeddings and norms
+    for name in ["model.embed_tokens.weight", "model.norm.weight", "model.layers.0.input_layernorm.weight",
+                 *(f"model.layers.{layer}.self_attn.{p}_proj.weight" for layer in (0, 29) for p in "qkvo"),
+                 *(f"model.layers.15.mlp.{p}_proj.weight" for p in ("gate", "up", "down"))]:
+        assert torch.equal(ws.get(name), gguf.get(name)), name
+
+
+def test_weight_source_builds_the_conversion_when_absent_and_falls_back_to_the_gguf(monkeypatch):
+    from llmprobe.core import loading, weightsource
+    from llmprobe.core.errors import LLMProbeError
+
+    existing = weightsource._existing_conversion(loading.resolve_source(None))
+    assert existing is not None
+    calls = []
+
+    def convert(gguf, name=None):
+        calls.append((Path(gguf), name))
+        return existing
+
+    monkeypatch.setattr(weightsource, "_existing_conversion", lambda source: None)
+    monkeypatch.setattr(loading, "converted_gguf_dir", convert)
+    ws = weightsource.WeightSource.open(None)
+    assert isinstance(ws, weightsource.ConvertedGGUFSource)
+    assert calls == [(loading.embedded_gguf_path(), loading.EMBEDDED_NAME)]
+
+    def cannot(gguf, name=None):
+        raise LLMProbeError("cannot read GGUF file: unsupported architecture")
+
+    monkeypatch.setattr(loading, "converted_gguf_dir", cannot)
+    assert isinstance(weightsource.WeightSource.open(None), weightsource.GGUFSource)
