@@ -32,9 +32,12 @@ PROFILES = {"quick": QUICK, "standard": STANDARD, "full": FULL}
 # Settings the report uses where an analysis's own default suits a single command better.
 REPORT_DEFAULTS: dict[str, dict[str, Any]] = {
     "activations.quant-error": {"bits": 4},
-    "robustness.ablation": {"granularity": "block", "max_windows": 4},
-    "robustness.noise": {"max_windows": 4, "repeats": 2},
-    "robustness.super-weights": {"max_windows": 4},
+    # The readouts of weight interventions run the model once per target: short windows keep the
+    # default profile within minutes on a CPU (raise them with --set, e.g.
+    # --set robustness.ablation.max_windows=8).
+    "robustness.ablation": {"granularity": "block", "max_windows": 2, "seqlen": 256},
+    "robustness.noise": {"max_windows": 2, "seqlen": 256, "repeats": 2},
+    "robustness.super-weights": {"max_windows": 2, "seqlen": 256, "max_iterations": 3},
 }
 PROFILE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "full": {"robustness.ablation": {"granularity": "layer"}},
