@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .core.errors import LLMProbeError
-from .core.specs import compile_regex, interval, parse_layers
+from .core.specs import check_range, compile_regex, parse_layers
 
 # Help panels, in the order --help shows them.
 MODEL, DATA, ANALYSIS, OUTPUT = "Model", "Data", "Analysis", "Output"
@@ -88,10 +88,7 @@ def check_constraints(name: str, field, value: Any) -> None:
     high = extra.get("maximum", extra.get("exclusiveMaximum"))
     low_open, high_open = "exclusiveMinimum" in extra, "exclusiveMaximum" in extra
     if (low is not None or high is not None) and not isinstance(value, bool) and isinstance(value, (int, float)):
-        bad = ((low is not None and (value <= low if low_open else value < low))
-               or (high is not None and (value >= high if high_open else value > high)))
-        if bad:
-            raise LLMProbeError(f"{flag} must be in {interval(low, high, low_open, high_open)}; got {value}")
+        check_range(flag, value, low=low, high=high, low_open=low_open, high_open=high_open)
     if "enum" in extra:
         values = value if isinstance(value, list) else [value]
         for item in values:
