@@ -55,7 +55,7 @@ from ..core.calibration import Calibration
 from ..core.collect import Batch, Site, collect, sites_for_key
 from ..core.errors import LLMProbeError
 from ..core.modulemap import LinearSite
-from ..core.quant import INT_BITS_RANGE, parse_format, quantize
+from ..core.quant import INT_BITS_RANGE, parse_format, quantize, symmetric_int_error_per_token
 from ..core.records import Record
 
 GRANULARITIES = ("per-token", "per-tensor", "per-group")
@@ -110,6 +110,18 @@ class QuantSpec:
                               for part in parts])
         return quantize(x, self.fmt, granularity=self.granularity, group_size=self.group_size,
                         symmetric=self.symmetric)
+
+    def row_squared_error(self, batch: Batch) -> torch.Tensor:
+        """[T] fp32: Σ over each token's features of (x − Q(x))², summed in fp32 over one
+        token's F values (PyTorch's cascade sum: relative error ~1e-7)."""
+        x = batch.x
+        error = batch.scratch("quant error")
+        if self.fmt.startswith("int") and self.granularity == "per-token" and self.symmetric:
+            # The common case, fused: per-token max|x| is shared with the other collectors.
+            symmetric_int_error_per_token(x, int(self.fmt[3:]), batch.row_abs_max(), out=error)
+        else:
+            torch.sub(self.apply(x, batch.window), x, out=error)
+        return error.mul_(error).sum(dim=1)
 
 
 def check_bits(bits: int) -> int:
@@ -329,14 +341,15 @@ class _QuantErrorCollector:
         x = batch.x
         if x.shape[0] == 0:
             return
-        squared_error = (x - self.spec.apply(x, batch.window)).square()
-        self.sse[key] = self.sse.get(key, 0.0) + float(squared_error.sum(dtype=torch.float64))
-        self.signal[key] = self.signal.get(key, 0.0) + float(x.square().sum(dtype=torch.float64))
+        # Per-token sums in fp32 (F terms each), folded into fp64 totals.
+        row_error = batch.derived(("quant row sse", self.spec), self.spec.row_squared_error).to(torch.float64)
+        row_signal = batch.derived("row sum sq", lambda b: b.square().sum(dim=1)).to(torch.float64)
+        self.sse[key] = self.sse.get(key, 0.0) + float(row_error.sum())
+        self.signal[key] = self.signal.get(key, 0.0) + float(row_signal.sum())
         self.tokens[key] = self.tokens.get(key, 0) + int(x.shape[0])
         self.features[key] = int(x.shape[1])
         if self.token_stats is not None:
-            row_error = squared_error.mean(dim=1, dtype=torch.float64)
-            self.token_stats.add(self.key_members[key], batch.token_ids, row_error)
+            self.token_stats.add(self.key_members[key], batch.token_ids, row_error / x.shape[1])
 
     # merging across ranks (core/distributed.merge_collectors): sums add
     def shard_state(self) -> dict:

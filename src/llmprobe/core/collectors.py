@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .collect import Batch
+from .collect import Batch, Workspace
 
 __all__ = [
     "ChannelCollector",
@@ -115,27 +115,45 @@ def excess_kurtosis(n: float, mean: float, m2: float, m4: float) -> float:
     return n * m4 / (m2 * m2) - 3.0
 
 
-def _segment_moments(x: torch.Tensor, segment: torch.Tensor, segments: int) -> tuple[torch.Tensor, ...]:
-    """Exact central moments of the rows of ``x`` grouped by ``segment`` (each row's F values all
-    belong to its segment). Returns fp64 CPU tensors (n, mean, M2, M3, M4) and fp32 abs-max."""
-    features = x.shape[1]
-    n = torch.bincount(segment, minlength=segments).to(torch.float64) * features
-    sums = torch.zeros(segments, dtype=torch.float64, device=x.device)
-    sums.index_add_(0, segment, x.sum(dim=1, dtype=torch.float64))
-    mean = sums / n.to(x.device).clamp_min(1)
-    m2 = torch.zeros_like(sums)
-    m3 = torch.zeros_like(sums)
-    m4 = torch.zeros_like(sums)
-    for rows in _row_chunks(x.shape[0], features):
-        centred = x[rows].to(torch.float64) - mean[segment[rows]].unsqueeze(1)
-        squared = centred * centred
-        m2.index_add_(0, segment[rows], squared.sum(dim=1))
-        m3.index_add_(0, segment[rows], (squared * centred).sum(dim=1))
-        m4.index_add_(0, segment[rows], (squared * squared).sum(dim=1))
-    row_max = x.abs().amax(dim=1)
-    abs_max = torch.zeros(segments, dtype=row_max.dtype, device=x.device)
-    abs_max.scatter_reduce_(0, segment, row_max, reduce="amax", include_self=False)
-    return n.cpu(), mean.cpu(), m2.cpu(), m3.cpu(), m4.cpu(), abs_max.float().cpu()
+def _exact_moments(x: torch.Tensor, workspace: Workspace) -> Moments:
+    """Exact central moments of all values of ``x`` [rows, F]: an fp64 copy centred on its fp64
+    mean, in chunks of whole rows (so the fp64 temporaries stay under ~128 MB each, in reused
+    workspace matrices). A part that fits in one chunk is converted once."""
+    rows, features = x.shape
+    chunks = list(_row_chunks(rows, features))
+
+    def as_float64(part: slice) -> torch.Tensor:
+        size = part.stop - part.start
+        return workspace.matrix("moments fp64", size, features, torch.float64, x.device).copy_(x[part])
+
+    held = as_float64(chunks[0]) if len(chunks) == 1 else None
+    total = sum(float((held if held is not None else as_float64(part)).sum()) for part in chunks)
+    n = float(rows * features)
+    mean = total / n
+    m2 = m3 = m4 = 0.0
+    for part in chunks:
+        centred = (held if held is not None else as_float64(part)).sub_(mean)
+        squared = torch.mul(centred, centred, out=workspace.matrix("moments squared", centred.shape[0], features,
+                                                                   torch.float64, x.device))
+        flat_centred, flat_squared = centred.view(-1), squared.view(-1)
+        m2 += float(flat_squared.sum())
+        m3 += float(torch.dot(flat_squared, flat_centred))
+        m4 += float(torch.dot(flat_squared, flat_squared))
+    return Moments(n, mean, m2, m3, m4)
+
+
+def window_moments(batch: Batch) -> list[tuple[int, Moments, float]]:
+    """(window, exact central moments of its values, its max|x|) for each window of the batch.
+    Rows of a window are contiguous (the Batch contract); were a window split, its pieces would
+    still merge exactly in the collector. Computed once per batch (``batch.derived``)."""
+    window_ids, counts = torch.unique_consecutive(batch.window, return_counts=True)
+    row_abs_max = batch.row_abs_max()
+    pieces, start = [], 0
+    for window, count in zip(window_ids.tolist(), counts.tolist()):
+        rows = slice(start, start + count)
+        pieces.append((window, _exact_moments(batch.x[rows], batch.workspace), float(row_abs_max[rows].max())))
+        start += count
+    return pieces
 
 
 # -- moments per key -------------------------------------------------------------------------
@@ -183,14 +201,10 @@ class MomentCollector:
         x = batch.x
         if x.numel() == 0:
             return
-        window_ids, segment = torch.unique(batch.window, return_inverse=True)
-        n, mean, m2, m3, m4, abs_max = _segment_moments(x, segment.to(x.device), len(window_ids))
         state.tokens += x.shape[0]
         present = set()
-        for i, window in enumerate(window_ids.tolist()):
-            piece = Moments(float(n[i]), float(mean[i]), float(m2[i]), float(m3[i]), float(m4[i]))
+        for window, piece, peak in batch.derived("window moments", window_moments):
             state.pooled = state.pooled.merge(piece)
-            peak = float(abs_max[i])
             state.abs_max = max(state.abs_max, peak)
             old, old_peak = state.pending.get(window, (Moments(), 0.0))
             state.pending[window] = (old.merge(piece), max(old_peak, peak))
@@ -272,6 +286,13 @@ class ChannelSummary:
     abs_max: torch.Tensor     # [F] fp32 max|x| (SmoothQuant's activation scales)
 
 
+def channel_sum_sq(batch: Batch) -> torch.Tensor:
+    """[F] fp64 Σx² over the batch's tokens: fp32 squares summed in fp32 over the batch's rows
+    (PyTorch's cascade summation: relative error ~1e-7, far below the 1e-5 the tests allow),
+    then folded into the caller's fp64 totals, so the error does not grow with windows."""
+    return batch.square().sum(dim=0).to(torch.float64)
+
+
 class ChannelCollector:
     """Per feature: Σx² in fp64 and max|x|. State is O(features) per key."""
 
@@ -290,10 +311,9 @@ class ChannelCollector:
         if x.shape[0] == 0:
             return
         self._count[key] += x.shape[0]
-        for rows in _row_chunks(x.shape[0], features):
-            part = x[rows].to(torch.float64)
-            self._sum_sq[key] += (part * part).sum(dim=0)
-        self._abs_max[key] = torch.maximum(self._abs_max[key], x.abs().amax(dim=0).float())
+        self._sum_sq[key] += batch.derived("channel sum sq", channel_sum_sq)
+        torch.maximum(self._abs_max[key], batch.derived("channel abs max", lambda b: b.abs().amax(dim=0)),
+                      out=self._abs_max[key])
 
     def keys(self) -> list[str]:
         return list(self._count)
@@ -381,9 +401,19 @@ class TokenCollector:
 
     def update(self, key: str, batch: Batch) -> None:
         x, ids, window, position = batch.x, batch.token_ids, batch.window, batch.position
+        # max|x| per token (and its channel) come from the whole batch, shared with the other
+        # collectors, then follow the rows that keep_ids keeps.
+        if not x.shape[0]:
+            peak, channel = x.new_zeros(0), torch.zeros(0, dtype=torch.int64, device=x.device)
+        elif self.with_argmax:
+            peak, channel = batch.abs().max(dim=1)
+        else:  # amax: max() would also search the indices, several times slower
+            peak, channel = batch.row_abs_max(), None
         if self.keep_ids is not None:
             keep = torch.isin(ids, self.keep_ids)
-            x = x[keep.to(x.device)]
+            rows = keep.to(x.device)
+            x, peak = x[rows], peak[rows]
+            channel = None if channel is None else channel[rows]
             ids, window, position = ids[keep], window[keep], position[keep]
         # Pass p of this key pairs with metadata chunk p: the first key to reach a pass records
         # its tokens (int32: ids, windows and positions all fit), later keys must match.
@@ -395,10 +425,6 @@ class TokenCollector:
                                "a module called more than once per forward pass cannot be tracked per token")
         self._updates[key] = index + 1
         self._tables.pop(key, None)
-        if x.shape[0]:
-            peak, channel = x.abs().max(dim=1)
-        else:
-            peak, channel = x.new_zeros(0), torch.zeros(0, dtype=torch.int64, device=x.device)
         self._max_abs.setdefault(key, []).append(peak.float().cpu())
         if self.with_kurtosis:
             self._kurtosis.setdefault(key, []).append(_row_excess_kurtosis(x).float().cpu())

@@ -232,6 +232,28 @@ def fake_quant_int(
     return restore(dequant)
 
 
+def symmetric_int_error_per_token(x: torch.Tensor, bits: int, row_abs_max: torch.Tensor, *,
+                                  out: torch.Tensor) -> torch.Tensor:
+    """``Q(x) − x`` for symmetric ``bits``-bit RTN with one scale per row of ``x`` [T, F] fp32
+    (per-token :func:`fake_quant_int`), given each row's max|x|, written into ``out`` [T, F].
+
+    The same fp32 operations in the same order as :func:`fake_quant_int`, so ``out`` equals
+    ``fake_quant_int(x, bits, granularity="per-token") - x`` bit for bit; but the caller supplies
+    the absmax it already has and one reusable output, where the two-step form makes about eight
+    fresh [T, F] temporaries (each costing page faults, see core.collect.Workspace). Made for
+    error statistics over many activations (activations quant-error).
+    """
+    bits = _check_bits(bits)
+    qmax = float(2 ** (bits - 1) - 1)
+    scale = (row_abs_max / qmax).unsqueeze(1)
+    degenerate = scale == 0
+    safe_scale = torch.where(degenerate, torch.ones_like(scale), scale)
+    torch.div(x, safe_scale, out=out).round_().clamp_(-qmax, qmax).mul_(safe_scale).sub_(x)
+    if bool(degenerate.any()):  # fake_quant_int returns such a row unchanged: error 0
+        out.masked_fill_(degenerate, 0.0)
+    return out
+
+
 def nf4_levels() -> torch.Tensor:
     """The 16 NF4 code values (ascending, fp32, in [-1, 1]) built from normal quantiles.
 
