@@ -18,6 +18,7 @@ from llmprobe.core.quant import (
     nf4_levels,
     parse_format,
     quantize,
+    symmetric_int_error_per_token,
 )
 
 # NF4 code values as published with QLoRA (arXiv 2305.14314, appendix) / bitsandbytes.
@@ -173,6 +174,20 @@ def test_per_group_shapes_axis_and_per_token():
     assert fake_quant_int(torch.tensor(0.7), 8).shape == ()
     assert fake_quant_int(torch.randn(10), 8).shape == (10,)
     assert fake_quant_int(torch.zeros(0, 4), 8).shape == (0, 4)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_fused_per_token_error_is_the_two_step_error_bit_for_bit(bits):
+    generator = torch.Generator().manual_seed(bits)
+    x = torch.randn(33, 40, generator=generator) * torch.logspace(-3, 3, 40)
+    x[3] = 0.0       # a zero row: fake_quant_int keeps it (error 0)
+    x[5] = 1e-44     # a subnormal row whose scale absmax/qmax rounds to zero: kept as well
+    x[7, 11] = -1e4  # an outlier that sets its row's scale
+    expected = fake_quant_int(x, bits, granularity="per-token") - x
+    out = torch.full_like(x, math.nan)
+    got = symmetric_int_error_per_token(x, bits, x.abs().amax(dim=1), out=out)
+    assert got is out
+    assert torch.equal(got, expected)
 
 
 def test_reduced_precision_input_gets_fp32_math():
