@@ -179,15 +179,18 @@ def test_per_group_shapes_axis_and_per_token():
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_fused_per_token_error_is_the_two_step_error_bit_for_bit(bits):
     generator = torch.Generator().manual_seed(bits)
-    x = torch.randn(33, 40, generator=generator) * torch.logspace(-3, 3, 40)
+    x = torch.randn(400, 64, generator=generator) * torch.logspace(-6, 6, 400).unsqueeze(1)
+    x[:, 0] = torch.where(torch.arange(400) % 2 == 0, -1.0, 1.0) * x.abs().amax(dim=1)  # ±absmax exactly
     x[3] = 0.0       # a zero row: fake_quant_int keeps it (error 0)
     x[5] = 1e-44     # a subnormal row whose scale absmax/qmax rounds to zero: kept as well
     x[7, 11] = -1e4  # an outlier that sets its row's scale
+    x[9, 2] = math.inf
+    x[10, 4] = math.nan
     expected = fake_quant_int(x, bits, granularity="per-token") - x
     out = torch.full_like(x, math.nan)
     got = symmetric_int_error_per_token(x, bits, x.abs().amax(dim=1), out=out)
     assert got is out
-    assert torch.equal(got, expected)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
 
 
 def test_reduced_precision_input_gets_fp32_math():

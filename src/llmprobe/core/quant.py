@@ -237,8 +237,10 @@ def symmetric_int_error_per_token(x: torch.Tensor, bits: int, row_abs_max: torch
     """``Q(x) − x`` for symmetric ``bits``-bit RTN with one scale per row of ``x`` [T, F] fp32
     (per-token :func:`fake_quant_int`), given each row's max|x|, written into ``out`` [T, F].
 
-    The same fp32 operations in the same order as :func:`fake_quant_int`, so ``out`` equals
-    ``fake_quant_int(x, bits, granularity="per-token") - x`` bit for bit; but the caller supplies
+    The same fp32 operations in the same order as :func:`fake_quant_int` but its clamp, so ``out``
+    equals ``fake_quant_int(x, bits, granularity="per-token") - x`` bit for bit: the clamp cannot
+    change a code here, since |x| <= absmax puts x/scale within a few ulps of ±qmax at most, which
+    rounds to ±qmax (NaN and inf pass through both forms alike). But the caller supplies
     the absmax it already has and one reusable output, where the two-step form makes about eight
     fresh [T, F] temporaries (each costing page faults, see core.collect.Workspace). Made for
     error statistics over many activations (activations quant-error).
@@ -248,7 +250,7 @@ def symmetric_int_error_per_token(x: torch.Tensor, bits: int, row_abs_max: torch
     scale = (row_abs_max / qmax).unsqueeze(1)
     degenerate = scale == 0
     safe_scale = torch.where(degenerate, torch.ones_like(scale), scale)
-    torch.div(x, safe_scale, out=out).round_().clamp_(-qmax, qmax).mul_(safe_scale).sub_(x)
+    torch.div(x, safe_scale, out=out).round_().mul_(safe_scale).sub_(x)
     if bool(degenerate.any()):  # fake_quant_int returns such a row unchanged: error 0
         out.masked_fill_(degenerate, 0.0)
     return out
