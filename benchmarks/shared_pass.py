@@ -11,6 +11,7 @@ calibration windows, best of N, in one process. Goal: <= 1.3x.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -70,6 +71,10 @@ def main() -> None:
            "bare forward s": min(bare_times), "shared pass s": min(shared_times),
            "ratio": min(shared_times) / min(bare_times)}
     print(markdown_table([row]))
+    # The machine may be shared: say how loaded it was, and every round, not only the best.
+    print("rounds, bare s:", ", ".join(f"{t:.2f}" for t in bare_times))
+    print("rounds, shared s:", ", ".join(f"{t:.2f}" for t in shared_times))
+    print("load average (1, 5, 15 min) at the end: " + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
 
 
 if __name__ == "__main__":

@@ -126,18 +126,21 @@ def _exact_moments(x: torch.Tensor, workspace: Workspace) -> Moments:
     copied to fp64 and centred on its own fp64 mean, and the pieces are merged pairwise."""
     values = x.reshape(-1)
     piece = min(_MOMENT_PIECE, values.numel())
-    centred_buffer = workspace.matrix("moments centred", 1, _MOMENT_PIECE, torch.float64, x.device)[0]
-    squared_buffer = workspace.matrix("moments squared", 1, _MOMENT_PIECE, torch.float64, x.device)[0]
+    # Row 0: the centred values c, row 1: c². One product of this [2, n] matrix with its own
+    # transpose gives Σc², Σc³ and Σc⁴ in a single fp64 pass (BLAS), where three reductions
+    # would read the rows three times.
+    powers = workspace.matrix("moments c, c²", 2, _MOMENT_PIECE, torch.float64, x.device)
     total = Moments()
     for start in range(0, values.numel(), piece):
         part = values[start:start + piece]
         size = part.numel()
-        centred = centred_buffer[:size].copy_(part)
+        centred, squared = powers[0, :size].copy_(part), powers[1, :size]
         mean = float(centred.sum()) / size
         centred.sub_(mean)
-        squared = torch.mul(centred, centred, out=squared_buffer[:size])
-        total = total.merge(Moments(float(size), mean, float(squared.sum()), float(torch.dot(squared, centred)),
-                                    float(torch.dot(squared, squared))))
+        torch.mul(centred, centred, out=squared)
+        pair = powers[:, :size]
+        (m2, m3), (_, m4) = (pair @ pair.T).tolist()
+        total = total.merge(Moments(float(size), mean, m2, m3, m4))
     return total
 
 
