@@ -182,14 +182,34 @@ def write_figures(run, figures: Iterable[tuple], fmt: str) -> list[str]:
 
 
 def _draw_all(tasks: list[tuple], directory: Path, fmt: str) -> Iterator[tuple[int, list[tuple[str, str]]]]:
-    """(task index, files) for every task, in completion order; drawn by worker processes when
-    that pays, else here."""
-    workers = figure_workers(len(tasks))
-    if workers <= 1:
+    """(task index, files) for every task, in completion order; drawn by the workers started
+    with the command (:func:`start_workers`), else by new ones when that pays, else here."""
+    pool = _STARTED.pop("pool", None)
+    if pool is None:
+        workers = figure_workers(len(tasks))
+        if workers > 1:
+            pool = _WorkerPool(workers)
+    if pool is None:
         for index, task in enumerate(tasks):
             yield index, draw_task(task, str(directory), fmt)
         return
-    yield from _WorkerPool(workers).run(tasks, str(directory), fmt)
+    yield from pool.run(tasks, str(directory), fmt)
+
+
+_STARTED: dict[str, _WorkerPool] = {}
+
+
+def start_workers(warm: Iterable[str] = ()) -> None:
+    """Start the figure workers now, for a command that will draw many deferred figures: they
+    import matplotlib and the modules ``warm`` and draw one throw-away figure (fonts, caches)
+    while this process imports torch and computes, mostly on a core it leaves idle. The next
+    :func:`write_figures` uses them; unused ones exit with this process. No-op when workers are
+    already started or would not be used (one core, ``LLMPROBE_FIGURE_WORKERS`` 0 or 1)."""
+    if "pool" in _STARTED:
+        return
+    count = figure_workers(MIN_PARALLEL + MAX_WORKERS)  # as for a set of many figures
+    if count > 1:
+        _STARTED["pool"] = _WorkerPool(count, warm=tuple(warm))
 
 
 # A worker: put the parent's import path first, then serve tasks (see _serve).
@@ -198,30 +218,64 @@ _BOOT = ("import pickle, sys; sys.path[:0] = pickle.load(sys.stdin.buffer); "
 
 
 class _WorkerPool:
-    """``count`` worker interpreters, each fed one task at a time by a thread of this process
-    (dynamic balancing: a worker that finishes early takes the next figure)."""
+    """``count`` worker interpreters, started at once and warmed up (``warm``: modules to
+    import, then one figure drawn and thrown away); :meth:`run` feeds each one task at a time
+    from a thread of this process (dynamic balancing: a worker that finishes early takes the
+    next figure) and then lets them exit."""
 
-    def __init__(self, count: int):
-        self.count = count
+    def __init__(self, count: int, warm: tuple[str, ...] = ()):
+        import atexit
+        import pickle
+        import subprocess
+        import sys
+
+        env = {**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+               "MKL_NUM_THREADS": "1"}
+        self.procs = [subprocess.Popen([sys.executable, "-c", _BOOT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                       env=env) for _ in range(count)]
+        for proc in self.procs:
+            try:  # small writes: the pipe buffer takes them while the worker starts
+                pickle.dump([p for p in sys.path if p], proc.stdin)
+                pickle.dump(list(warm), proc.stdin)
+                proc.stdin.flush()
+            except OSError:  # a worker that died at once is reported when it is fed
+                pass
+        self.used = False
+        atexit.register(self.discard)
+
+    def discard(self) -> None:
+        """Workers never used (a run that failed or drew nothing) are stopped with this process;
+        they hold no output."""
+        if not self.used:
+            for proc in self.procs:
+                proc.kill()
+            self.close()
+
+    def close(self) -> None:
+        for proc in self.procs:
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except Exception:
+                proc.kill()
 
     def run(self, tasks: list[tuple], directory: str, fmt: str) -> Iterator[tuple[int, list[tuple[str, str]]]]:
         import pickle
         import queue
-        import subprocess
-        import sys
         import threading
 
-        env = {**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-               "MKL_NUM_THREADS": "1"}
-        procs = [subprocess.Popen([sys.executable, "-c", _BOOT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  env=env) for _ in range(self.count)]
+        self.used = True
+        procs = self.procs
         pending = iter(range(len(tasks)))
         lock = threading.Lock()
         done: queue.Queue = queue.Queue()
 
         def feed(proc) -> None:
             try:
-                pickle.dump([p for p in sys.path if p], proc.stdin)
                 while True:
                     with lock:
                         index = next(pending, None)
@@ -255,28 +309,40 @@ class _WorkerPool:
                             pass
                     raise RuntimeError(f"drawing a figure failed in a worker process:\n{payload}")
         finally:
-            for proc in procs:
-                try:
-                    proc.stdin.close()
-                except OSError:
-                    pass
-            for proc in procs:
-                try:
-                    proc.wait(timeout=10)
-                except Exception:
-                    proc.kill()
+            self.close()
+
+
+def _warm_up(modules: list[str]) -> None:
+    """Imports and one small figure drawn to nothing: the first figure of a process pays for
+    loading fonts and filling text caches, which changes no pixel of later ones."""
+    from matplotlib.figure import Figure
+
+    for module in modules:
+        importlib.import_module(module)
+    figure = Figure(figsize=(2.0, 1.5), layout="constrained")
+    axes = figure.subplots()
+    axes.bar([0, 1], [1.0, 2.0])
+    axes.set_xticks([0, 1], ["warm", "up"], rotation=70, ha="right", fontsize=7)
+    axes.set_title("warm-up", fontsize=10)
+    figure.savefig(io.BytesIO(), format="png", dpi=40)
 
 
 def _serve() -> None:
-    """A worker's loop: read (task, directory, fmt), draw it, answer ("ok", files) or
-    ("error", traceback). Results go to a private copy of stdout; anything a library prints
-    goes to stderr."""
+    """A worker's loop: warm up (the modules to import come after the import path), then read
+    (task, directory, fmt), draw it, answer ("ok", files) or ("error", traceback). Results go
+    to a private copy of stdout; anything a library prints goes to stderr."""
     import pickle
     import sys
     import traceback
 
     results = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
+    try:
+        _warm_up(pickle.load(sys.stdin.buffer))
+    except EOFError:
+        return
+    except Exception:  # a failed warm-up costs time, not figures: the tasks report real errors
+        pass
     while True:
         try:
             task, directory, fmt = pickle.load(sys.stdin.buffer)
