@@ -239,3 +239,37 @@ def test_weight_source_builds_the_conversion_when_absent_and_falls_back_to_the_g
 
     monkeypatch.setattr(loading, "converted_gguf_dir", cannot)
     assert isinstance(weightsource.WeightSource.open(None), weightsource.GGUFSource)
+
+
+# ------------------------------------------------------------------------------ tables
+
+
+def test_tables_are_written_as_pandas_wrote_them():
+    """records_csv writes the bytes pandas' object-dtype to_csv wrote before it replaced it."""
+    import math
+    import random
+
+    import pandas as pd
+
+    from llmprobe.core.output import records_csv
+
+    class Row:
+        def __init__(self, data):
+            self.data = data
+
+        def row(self):
+            return self.data
+
+    generator = random.Random(0)
+    floats = [0.1, 1 / 3, 1e-20, 1e16, 123456789.123, -0.0, 2.5e-7, math.inf, -math.inf, math.nan,
+              0.30000000000000004] + [generator.uniform(-1, 1) * 10 ** generator.randint(-12, 12) for _ in range(200)]
+    values = floats + [None, 0, 7, -3, 2**63, True, False, "", "plain", "a,b", 'say "hi"', "two\nlines",
+                       "cr\rhere", " padded ", [1, 2], {"k": 1.5}, "é ü"]
+    tables = [[{"name": f"m{i}", "value": generator.choice(values), "other": generator.choice(values)}
+               for i in range(300)],
+              [{"a": 1, "b": None}, {"a": 2, "c": "late column"}, {"b": 3.5}],  # ragged rows
+              []]
+    for rows in tables:
+        frame = pd.DataFrame(rows, columns=list(dict.fromkeys(c for r in rows for c in r)), dtype=object) \
+            if rows else pd.DataFrame()
+        assert records_csv([Row(r) for r in rows]) == frame.to_csv(index=False)
