@@ -329,6 +329,32 @@ def test_delta_loss_equals_hand_quantized_copy():
     assert got == pytest.approx(expected, rel=1e-3, abs=1e-6)
 
 
+def test_kl_metric_equals_hand_quantized_copy():
+    """--metric kl: mean next-token KL(unquantized ‖ one module quantized) over the calibration
+    windows' predicting positions, against a plain softmax loop on a hand-quantized copy."""
+    calib = calibration()
+    out = qp.plan(calib, avg_bits=5, candidates="2,8", group_size=16, metric="kl")
+    site = calib.sites[2]
+
+    def log_probs(model):
+        with torch.no_grad():
+            return [torch.log_softmax(model(input_ids=row[None]).logits[0, :-1].double(), dim=-1)
+                    for row in calib.windows]
+
+    base = log_probs(calib.lm.model)
+    ref = copy.deepcopy(calib.lm.model)
+    module = dict(ref.named_modules())[site.name]
+    with torch.no_grad():
+        module.weight.copy_(torch.from_numpy(numpy_group_quant(module.weight.numpy(), 2, 16)))
+    quantized = log_probs(ref)
+    total = sum(float((p.exp() * (p - q)).sum()) for p, q in zip(base, quantized))
+    expected = total / sum(p.shape[0] for p in base)
+    rows = {(r.module, r.format): r.sensitivity for r in out.tables["quant_sensitivity"]}
+    assert rows[(site.name, "int2")] == pytest.approx(expected, rel=1e-3, abs=1e-7)
+    assert all(value >= -1e-7 for value in rows.values())
+    assert rows[(site.name, "int8")] < rows[(site.name, "int2")]
+
+
 @pytest.mark.parametrize("metric", ["fgmp", "alpha", "kurtosis"])
 def test_other_metrics_run_and_rank_bits(metric):
     calib = calibration()

@@ -47,7 +47,7 @@ from ..core.records import Record
 
 Tables = dict[str, list[Record]]
 
-METRICS = ("output", "delta-loss", "fgmp", "alpha", "kurtosis")
+METRICS = ("output", "kl", "delta-loss", "fgmp", "alpha", "kurtosis")
 DEFAULT_CANDIDATES = ("int2", "int3", "int4", "int8")
 SCALE_BITS = 16            # every group scale is counted as one fp16 number
 PLAN_FORMAT_VERSION = 1
@@ -351,28 +351,34 @@ def _sens_output(calib, sites, options, scheme, *, batch_size, layers_per_pass, 
     return result, tokens_seen
 
 
-def _mean_loss(model: torch.nn.Module, windows: torch.Tensor, batch_size: int) -> float:
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    with torch.inference_mode():
-        for start in range(0, windows.shape[0], batch_size):
-            ids = windows[start:start + batch_size].to(device)
-            s, n = nll_sum(model(input_ids=ids, use_cache=False).logits, ids)
-            total += s
-            count += n
-    return total / count
+def _sens_measured(calib, sites, options, scheme, *, quantity: str):
+    """Measured on the calibration windows, one module quantized at a time: the whole model's
+    mean next-token KL(unquantized ‖ quantized) (``kl``) or the change of its mean next-token
+    loss (``delta-loss``). The readout is the robustness one (analyses/robustness/readout.py):
+    the unquantized run is done once and its block inputs are kept, so a module in block ℓ
+    reruns blocks ℓ…end only. The loss change can be negative by chance (a small perturbation
+    that happens to help these windows); KL is never negative and sees every position's whole
+    distribution, which is why it is the steadier of the two."""
+    from .robustness.readout import Reference
 
-
-def _sens_delta_loss(calib, sites, options, scheme, *, batch_size):
-    """Measured Δloss: the calibration loss with that one module quantized, minus the baseline."""
     model = calib.lm.model
-    base = _mean_loss(model, calib.windows, batch_size)
-    result = {}
-    work = [(s, f) for s in sites for f in options[s.name]]
-    for site, fmt in progress.track(work, "delta-loss", total=len(work)):
-        with patched_weights(model, [Patch(site.weight_name, "set", value=quantized_weight(site, fmt, scheme))]):
-            loss = _mean_loss(model, calib.windows, batch_size)
-        result.setdefault(site.name, {})[fmt] = loss - base
+    reference = Reference(model, list(calib.windows))
+    by_layer: dict[int | None, list[tuple[LinearSite, str]]] = {}
+    for site in sites:
+        by_layer.setdefault(site.layer, []).extend((site, fmt) for fmt in options[site.name])
+    result: dict[str, dict[str, float]] = {}
+    for layer, work in progress.track(list(by_layer.items()), quantity, total=len(by_layer)):
+        # quantized when the modification is entered (once per window), so at most one
+        # quantized copy of a matrix exists at a time, however many pairs a block has
+        modifications = [lambda site=site, fmt=fmt: patched_weights(
+            model, [Patch(site.weight_name, "set", value=quantized_weight(site, fmt, scheme))]) for site, fmt in work]
+        if layer is None:
+            readouts = [reference.evaluate(m, None) for m in modifications]
+        else:   # the pairs of one block together: the blocks after it run once for all of them
+            readouts = reference.evaluate_in_block(modifications, layer)
+        for (site, fmt), readout in zip(work, readouts):
+            value = readout.kl if quantity == "kl" else readout.mean_nll - reference.mean_nll
+            result.setdefault(site.name, {})[fmt] = value
     return result
 
 
@@ -559,8 +565,8 @@ def plan(calib: Calibration, *, avg_bits: float, candidates: str | Sequence[str]
     if metric == "output":
         sens, tokens = _sens_output(calib, sites, options, scheme, batch_size=batch_size,
                                     layers_per_pass=layers_per_pass, fisher_weighted=fisher_weighted)
-    elif metric == "delta-loss":
-        sens = _sens_delta_loss(calib, sites, options, scheme, batch_size=batch_size)
+    elif metric in ("kl", "delta-loss"):
+        sens = _sens_measured(calib, sites, options, scheme, quantity=metric)
     elif metric == "fgmp":
         sens = _sens_fgmp(calib, sites, options, scheme, batch_size=batch_size)
     elif metric == "alpha":

@@ -20,7 +20,7 @@ register_group("quant", "Weight quantization plans: per-module formats under a b
 
 QP = "llmprobe.analyses.quant_plan"
 PLOTS = "llmprobe.plots.quant"
-METRICS = ("output", "delta-loss", "fgmp", "alpha", "kurtosis")
+METRICS = ("output", "kl", "delta-loss", "fgmp", "alpha", "kurtosis")
 
 
 class PlanOptions(DeviceMapOptions, CalibrationOptions, SelectionOptions, OutputOptions, FigureOptions):
@@ -32,7 +32,8 @@ class PlanOptions(DeviceMapOptions, CalibrationOptions, SelectionOptions, Output
                              help="Elements per scale along the input dimension; 0 = per output channel.")
     symmetric: bool = option(True, "--symmetric/--asymmetric", help="Integer grids symmetric or asymmetric.")
     metric: str = option("output", "--metric", choices=METRICS,
-                         help="Sensitivity: output (E||(W-Q(W))x||^2), delta-loss, fgmp, alpha, kurtosis.")
+                         help="Sensitivity: output (E||(W-Q(W))x||^2), kl (measured next-token KL, one module at a time), "
+                              "delta-loss, fgmp, alpha, kurtosis.")
     fisher_weighted: bool = option(False, "--fisher-weighted",
                                    help="Weight the output error by the diagonal output Fisher (metric output).")
     keep: Optional[list[str]] = option(None, "--keep", help="REGEX=FORMAT: pin matching modules; repeatable.")

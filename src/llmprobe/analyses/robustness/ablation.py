@@ -38,7 +38,7 @@ from ...core.loading import LoadedModel
 from ...core.modulemap import ModuleMap
 from ...core.records import Record
 from .common import Tables, check_positive, make_reference, model_name, select_sites
-from .readout import ReadoutColumns, Reference, _block_output, spearman
+from .readout import Readout, ReadoutColumns, Reference, _block_output, spearman
 
 MODES = ("zero", "mean")
 GRANULARITIES = ("matrix", "layer", "block")
@@ -170,9 +170,18 @@ def ablation(lm: LoadedModel, windows: Sequence[torch.Tensor], *, mode: str = "z
         raise LLMProbeError(f"--span {span} is larger than the model's {mmap.num_layers} blocks")
     targets = ablation_targets(mmap, granularity, mode, roles, layers, regex)
     ref = reference or make_reference(model, windows, prefix_cache=prefix_cache)
+    # Targets of one block are read out together: each reruns its block, the blocks after it
+    # run once for all of them (Reference.evaluate_in_block).
+    by_layer: dict[int, list[int]] = {}
+    for index, target in enumerate(targets):
+        by_layer.setdefault(target[2], []).append(index)
+    readouts: dict[int, Readout] = {}
+    for layer, indices in by_layer.items():
+        found = ref.evaluate_in_block([_modification(model, targets[i][3], mode) for i in indices], layer)
+        readouts.update(zip(indices, found))
     rows: list[AblationTarget] = []
-    for name, role, layer, kind, parameters, matrices in targets:
-        readout = ref.evaluate(_modification(model, kind, mode), layer)
+    for index, (name, role, layer, kind, parameters, matrices) in enumerate(targets):
+        readout = readouts[index]
         rows.append(AblationTarget(rank=0, target=name, granularity=granularity,
                                    mode="skip" if granularity == "block" else mode, layer=layer, role=role,
                                    matrices=matrices, parameters=parameters, **readout.fields(ref)))

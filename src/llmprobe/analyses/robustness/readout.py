@@ -82,6 +82,16 @@ class Readout:
     nonfinite_windows: int
     window_losses: list[float] = field(default_factory=list)
 
+    def add(self, nll: list[float], kl: list[float], agree: list[float], tokens: int, *, row: int) -> None:
+        """Fold one window's sums (row ``row`` of a scored batch) into the totals."""
+        loss = nll[row]
+        self.nll_sum += loss
+        self.kl_sum += kl[row]
+        self.agree_sum += agree[row]
+        self.tokens += tokens
+        self.nonfinite_windows += 0 if math.isfinite(loss) else 1
+        self.window_losses.append(loss / tokens)
+
     @property
     def mean_nll(self) -> float:
         return self.nll_sum / self.tokens
@@ -152,10 +162,12 @@ class Reference:
     """The unmodified model's results on ``windows``, computed once (see module docstring)."""
 
     def __init__(self, model: torch.nn.Module, windows: Sequence[torch.Tensor], *, prefix_cache: bool = True,
-                 cache_budget_mb: float = 4096.0, logits_cache_mb: float = 256.0, keep_block_outputs: bool = False):
+                 cache_budget_mb: float = 4096.0, logits_cache_mb: float = 256.0, keep_block_outputs: bool = False,
+                 logits_chunk_mb: float = 256.0):
         if not windows:
             raise LLMProbeError("no evaluation windows")
         self.model = model
+        self.logits_chunk_mb = logits_chunk_mb
         self.mmap = ModuleMap(model)
         self.device = next(model.parameters()).device
         self.windows = [w.reshape(1, -1).to(self.device) for w in windows]
@@ -184,6 +196,7 @@ class Reference:
         self.ppl = safe_exp(self.mean_nll)
         self.head_ok = self.head is not None and self._check_head()
         self.prefix_ok = want_prefix and self.head_ok and self.norm is not None and self._check_prefix()
+        self.batch_ok = self.prefix_ok and self._check_batch()
         if not self.prefix_ok and not keep_block_outputs:
             self.block_inputs, self.block_args = [], []   # free what cannot be used
         if self.cached_logits is not None:
@@ -262,6 +275,24 @@ class Reference:
         logits = self._forward_from(0, start)
         return bool(torch.allclose(logits, self._logits0, rtol=0.0, atol=1e-5 * float(self._logits0.abs().max())))
 
+    def _check_batch(self) -> bool:
+        """Blocks called with a batch of rows and one window's cached arguments (rotary tables,
+        masks of batch size 1) must give each row what it gives alone: checked on two copies of
+        window 0 from the middle block."""
+        start = len(self.mmap.blocks) // 2
+        with torch.inference_mode():
+            hidden = self.block_inputs[0][start].expand(2, -1, -1).contiguous()
+            try:
+                for index in range(start, self.num_layers):
+                    rest, kwargs = self.block_args[0][index]
+                    hidden = _block_output(self.mmap.blocks[index](hidden, *rest, **kwargs))
+                logits = self.head(self.norm(hidden))
+            except (RuntimeError, ValueError):
+                return False
+        tol = 1e-5 * float(self._logits0.abs().max())
+        return logits.shape[0] == 2 and all(
+            bool(torch.allclose(logits[i:i + 1], self._logits0, rtol=0.0, atol=tol)) for i in range(2))
+
     # -- evaluating a modification ------------------------------------------------------------
 
     @property
@@ -295,36 +326,71 @@ class Reference:
                 return self._forward_from(window, first_layer)
             return self.model(input_ids=self.windows[window], use_cache=False).logits
 
+    def _score(self, window: int, logits: torch.Tensor) -> tuple[list[float], list[float], list[float], int]:
+        """Per row of ``logits`` [K, L, V] (K modified models on window ``window``): the summed
+        NLL, KL to the reference and top-1 agreement over the positions 0 … L−2."""
+        ids = self.windows[window]
+        rows = logits.shape[0]
+        per_token = token_nll(logits, ids.expand(rows, -1))
+        reference = self.reference_logits(window)
+        if self.cached_logits is not None:
+            # same formulas as core.readouts.next_token_kl / top1_agreement, with the
+            # reference side (log-probabilities, argmax) computed once in the clean run
+            ref_lp = reference[:, :-1]
+            other_lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+            kl = (ref_lp.exp() * (ref_lp - other_lp)).sum(dim=-1)
+            agree = (self.cached_top1[window][:, :-1] == logits[:, :-1].argmax(dim=-1)).float()
+        else:
+            kl = next_token_kl(reference[:, :-1], logits[:, :-1])
+            agree = top1_agreement(reference[:, :-1], logits[:, :-1])
+        return (per_token.double().sum(dim=1).tolist(), kl.double().sum(dim=1).tolist(),
+                agree.double().sum(dim=1).tolist(), int(per_token.shape[1]))
+
     def evaluate(self, modification: Modification | None, first_layer: int | None = None,
                  use_prefix: bool = True) -> Readout:
         """Run every window under ``modification``. ``first_layer``: the first decoder block whose
         computation the modification changes (None: something before the blocks, e.g. the
         embedding, so the whole model runs). ``use_prefix=False`` forces full forwards."""
         start = first_layer if use_prefix else None
-        nll_sum, kl_sum, agree_sum, tokens, nonfinite = 0.0, 0.0, 0.0, 0, 0
-        losses = []
-        for window, ids in enumerate(self.windows):
-            reference = self.reference_logits(window)
+        readout = Readout(0.0, 0, 0.0, 0.0, 0)
+        for window in range(len(self.windows)):
             logits = self.modified_logits(window, modification, start)
-            per_token = token_nll(logits, ids)
-            loss = float(per_token.double().sum())
-            if self.cached_logits is not None:
-                # same formulas as core.readouts.next_token_kl / top1_agreement, with the
-                # reference side (log-probabilities, argmax) computed once in the clean run
-                ref_lp = reference[:, :-1]
-                other_lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-                kl = (ref_lp.exp() * (ref_lp - other_lp)).sum(dim=-1)
-                agree = (self.cached_top1[window][:, :-1] == logits[:, :-1].argmax(dim=-1)).float()
-            else:
-                kl = next_token_kl(reference[:, :-1], logits[:, :-1])
-                agree = top1_agreement(reference[:, :-1], logits[:, :-1])
-            nll_sum += loss
-            kl_sum += float(kl.double().sum())
-            agree_sum += float(agree.double().sum())
-            tokens += int(per_token.numel())
-            nonfinite += 0 if math.isfinite(loss) else 1
-            losses.append(loss / per_token.numel())
-        return Readout(nll_sum, tokens, kl_sum, agree_sum, nonfinite, losses)
+            readout.add(*self._score(window, logits), row=0)
+        return readout
+
+    def evaluate_in_block(self, modifications: Sequence[Modification], layer: int) -> list[Readout]:
+        """Readouts of several modifications that each change decoder block ``layer`` and nothing
+        else (one matrix of it, a group of its matrices, a hook on it). Equal to
+        ``[evaluate(m, layer) for m in modifications]`` to float rounding, but faster: each
+        modification reruns only block ``layer`` on the cached input; the unmodified blocks after
+        it then run once for all modifications, stacked as one batch (bigger matrix products),
+        and so do the final norm and the head, in chunks of at most ``logits_chunk_mb``."""
+        if not modifications:
+            return []
+        if layer is None or not (self.prefix_ok and self.batch_ok and 0 <= layer < self.num_layers):
+            return [self.evaluate(m, layer) for m in modifications]
+        readouts = [Readout(0.0, 0, 0.0, 0.0, 0) for _ in modifications]
+        blocks = self.mmap.blocks
+        for window in range(len(self.windows)):
+            rest, kwargs = self.block_args[window][layer]
+            outputs = []
+            for modification in modifications:
+                with modification(), torch.inference_mode():
+                    outputs.append(_block_output(blocks[layer](self.block_inputs[window][layer], *rest, **kwargs)))
+            with torch.inference_mode():
+                hidden = torch.cat(outputs)
+                del outputs
+                for index in range(layer + 1, self.num_layers):
+                    rest, kwargs = self.block_args[window][index]
+                    hidden = _block_output(blocks[index](hidden, *rest, **kwargs))
+                hidden = self.norm(hidden)
+                vocab = int(getattr(self.model.config, "vocab_size", 0) or 1)
+                rows = max(1, int(self.logits_chunk_mb * 2**20 // (hidden.shape[1] * vocab * 4)))
+                for first in range(0, hidden.shape[0], rows):
+                    scores = self._score(window, self.head(hidden[first:first + rows]))
+                    for offset in range(len(scores[0])):
+                        readouts[first + offset].add(*scores, row=offset)
+        return readouts
 
     def info(self, model_name: str, dataset: str) -> ReferenceInfo:
         return ReferenceInfo(model=model_name, dataset=dataset, windows=len(self.windows),
