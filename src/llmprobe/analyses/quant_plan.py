@@ -4,8 +4,10 @@ by fake quantization (``quant eval``, ``quant eval --sweep``). docs/quant.md has
 Plan
     1. Every selected linear module m and every candidate format f gets a size ``bits(m, f)``
        (integer bits, group scales included, see :func:`format_bits`) and a sensitivity
-       ``s(m, f)`` (``--metric``; default ``output``: the expected output error
-       E_x ‖(W − Q_f(W)) x‖² over the calibration tokens).
+       ``s(m, f)`` (``--metric``; default ``kl``: the whole model's mean next-token
+       KL(unquantized ‖ only m in format f), measured on the first ``--measure-windows``
+       calibration windows; ``output``, the expected output error E_x ‖(W − Q_f(W)) x‖², is the
+       one-pass alternative — measured on the embedded model, its plans lose to uniform ones).
     2. A multiple-choice knapsack (core/allocation.py) picks one format per module minimising
        Σ s(m, f_m) subject to Σ bits(m, f_m) <= floor(avg_bits × Σ params) — an integer bound,
        so the plan's average never exceeds the budget, not even by rounding.
@@ -48,7 +50,7 @@ from ..core.records import Record
 Tables = dict[str, list[Record]]
 
 METRICS = ("output", "kl", "delta-loss", "fgmp", "alpha", "kurtosis")
-DEFAULT_CANDIDATES = ("int2", "int3", "int4", "int8")
+DEFAULT_CANDIDATES = ("int2", "int3", "int4", "int5", "int6", "int8")
 SCALE_BITS = 16            # every group scale is counted as one fp16 number
 PLAN_FORMAT_VERSION = 1
 _FLOAT_ELEMENT_BITS = {"fp16": 16, "bf16": 16, "fp8_e4m3": 8, "fp8_e5m2": 8, "fp4_e2m1": 4, "nf4": 4}
@@ -351,7 +353,7 @@ def _sens_output(calib, sites, options, scheme, *, batch_size, layers_per_pass, 
     return result, tokens_seen
 
 
-def _sens_measured(calib, sites, options, scheme, *, quantity: str):
+def _sens_measured(model, windows, sites, options, scheme, *, quantity: str):
     """Measured on the calibration windows, one module quantized at a time: the whole model's
     mean next-token KL(unquantized ‖ quantized) (``kl``) or the change of its mean next-token
     loss (``delta-loss``). The readout is the robustness one (analyses/robustness/readout.py):
@@ -361,8 +363,7 @@ def _sens_measured(calib, sites, options, scheme, *, quantity: str):
     distribution, which is why it is the steadier of the two."""
     from .robustness.readout import Reference
 
-    model = calib.lm.model
-    reference = Reference(model, list(calib.windows))
+    reference = Reference(model, list(windows))
     by_layer: dict[int | None, list[tuple[LinearSite, str]]] = {}
     for site in sites:
         by_layer.setdefault(site.layer, []).extend((site, fmt) for fmt in options[site.name])
@@ -541,9 +542,9 @@ def _check_metric(metric: str) -> str:
 
 
 def plan(calib: Calibration, *, avg_bits: float, candidates: str | Sequence[str] | None = None,
-         group_size: int = 128, symmetric: bool = True, metric: str = "output", keep: Sequence[str] = (),
+         group_size: int = 128, symmetric: bool = True, metric: str = "kl", keep: Sequence[str] = (),
          fisher_weighted: bool = False, layers_per_pass: int = 0, batch_size: int = 1,
-         solver: str = "auto") -> PlanOutput:
+         solver: str = "auto", measure_windows: int = 4) -> PlanOutput:
     """Measure every selected module's sensitivity to every candidate and allocate formats under
     the bit budget (module docstring). Every option is validated before the model runs."""
     metric = _check_metric(metric)
@@ -560,13 +561,17 @@ def plan(calib: Calibration, *, avg_bits: float, candidates: str | Sequence[str]
         raise LLMProbeError(f"--layers-per-pass must be a non-negative integer; got {layers_per_pass!r}")
     if batch_size < 1:
         raise LLMProbeError(f"--batch-size must be at least 1; got {batch_size}")
+    if isinstance(measure_windows, bool) or not isinstance(measure_windows, int) or measure_windows < 0:
+        raise LLMProbeError(f"--measure-windows must be a non-negative integer; got {measure_windows!r}")
 
     tokens = None
     if metric == "output":
         sens, tokens = _sens_output(calib, sites, options, scheme, batch_size=batch_size,
                                     layers_per_pass=layers_per_pass, fisher_weighted=fisher_weighted)
     elif metric in ("kl", "delta-loss"):
-        sens = _sens_measured(calib, sites, options, scheme, quantity=metric)
+        windows = calib.windows[:measure_windows] if measure_windows else calib.windows
+        sens = _sens_measured(calib.lm.model, windows, sites, options, scheme, quantity=metric)
+        tokens = int(windows.shape[0] * windows.shape[1])
     elif metric == "fgmp":
         sens = _sens_fgmp(calib, sites, options, scheme, batch_size=batch_size)
     elif metric == "alpha":
@@ -1094,7 +1099,8 @@ def plan_job(job):
     o = job.options
     out = plan(job.calibration, avg_bits=o.avg_bits, candidates=o.candidates, group_size=o.group_size,
                symmetric=o.symmetric, metric=o.metric, keep=o.keep or (), fisher_weighted=o.fisher_weighted,
-               layers_per_pass=o.layers_per_pass, batch_size=o.batch_size, solver=o.solver)
+               layers_per_pass=o.layers_per_pass, batch_size=o.batch_size, solver=o.solver,
+               measure_windows=o.measure_windows)
     if job.run is not None:
         atomic_write_text(job.run.path("recipe.yaml"), out.documents["recipe"])
     return Result(tables=out.tables, documents={"quant_plan": out.documents["quant_plan"]},
