@@ -12,8 +12,9 @@ import torch
 from tiny import tiny_model
 
 from llmprobe.analyses.robustness import ablation, bitflip, noise
-from llmprobe.analyses.robustness.readout import Reference, spearman
+from llmprobe.analyses.robustness.readout import spearman
 from llmprobe.core.errors import LLMProbeError
+from llmprobe.core.reference import Reference
 
 torch.set_num_threads(1)
 

@@ -361,7 +361,7 @@ def _sens_measured(model, windows, sites, options, scheme, *, quantity: str):
     reruns blocks ℓ…end only. The loss change can be negative by chance (a small perturbation
     that happens to help these windows); KL is never negative and sees every position's whole
     distribution, which is why it is the steadier of the two."""
-    from .robustness.readout import Reference
+    from ..core.reference import Reference
 
     reference = Reference(model, list(windows))
     by_layer: dict[int | None, list[tuple[LinearSite, str]]] = {}

@@ -37,8 +37,9 @@ from ...core.interventions import Patch, forward_hooks, patched_weights
 from ...core.loading import LoadedModel
 from ...core.modulemap import ModuleMap
 from ...core.records import Record
+from ...core.reference import Readout, Reference, block_output
 from .common import Tables, check_positive, make_reference, model_name, select_sites
-from .readout import Readout, ReadoutColumns, Reference, _block_output, spearman
+from .readout import ReadoutColumns, spearman
 
 MODES = ("zero", "mean")
 GRANULARITIES = ("matrix", "layer", "block")
@@ -180,7 +181,7 @@ def ablation(lm: LoadedModel, windows: Sequence[torch.Tensor], *, mode: str = "z
         found = ref.evaluate_in_block([_modification(model, targets[i][3], mode) for i in indices], layer)
         readouts.update(zip(indices, found))
     rows: list[AblationTarget] = []
-    for index, (name, role, layer, kind, parameters, matrices) in enumerate(targets):
+    for index, (name, role, layer, _kind, parameters, matrices) in enumerate(targets):
         readout = readouts[index]
         rows.append(AblationTarget(rank=0, target=name, granularity=granularity,
                                    mode="skip" if granularity == "block" else mode, layer=layer, role=role,
@@ -232,7 +233,7 @@ def block_similarity(model: torch.nn.Module, windows: Sequence[torch.Tensor], *,
 
         def post(_m, _args, _kwargs, output, index, states=states):
             if index == n - 1:
-                states[n] = _block_output(output).detach()
+                states[n] = block_output(output).detach()
 
         pre_hooks = [(names[id(b)], lambda m, a, k, i=i: pre(m, a, k, i)) for i, b in enumerate(blocks)]
         post_hooks = [(names[id(blocks[-1])], lambda m, a, k, o: post(m, a, k, o, n - 1))]
