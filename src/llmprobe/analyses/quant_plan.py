@@ -364,22 +364,17 @@ def _sens_measured(model, windows, sites, options, scheme, *, quantity: str):
     from ..core.reference import Reference
 
     reference = Reference(model, list(windows))
-    by_layer: dict[int | None, list[tuple[LinearSite, str]]] = {}
-    for site in sites:
-        by_layer.setdefault(site.layer, []).extend((site, fmt) for fmt in options[site.name])
+    work = [(site, fmt) for site in sites for fmt in options[site.name]]
+    # Quantized when the patch is entered (once per window), so at most one quantized copy of
+    # a matrix exists at a time; the pairs of one block are read out together.
+    readouts = reference.evaluate_many([
+        (lambda site=site, fmt=fmt: patched_weights(
+            model, [Patch(site.weight_name, "set", value=quantized_weight(site, fmt, scheme))]), site.layer)
+        for site, fmt in work], description=quantity)
     result: dict[str, dict[str, float]] = {}
-    for layer, work in progress.track(list(by_layer.items()), quantity, total=len(by_layer)):
-        # quantized when the modification is entered (once per window), so at most one
-        # quantized copy of a matrix exists at a time, however many pairs a block has
-        modifications = [lambda site=site, fmt=fmt: patched_weights(
-            model, [Patch(site.weight_name, "set", value=quantized_weight(site, fmt, scheme))]) for site, fmt in work]
-        if layer is None:
-            readouts = [reference.evaluate(m, None) for m in modifications]
-        else:   # the pairs of one block together: the blocks after it run once for all of them
-            readouts = reference.evaluate_in_block(modifications, layer)
-        for (site, fmt), readout in zip(work, readouts):
-            value = readout.kl if quantity == "kl" else readout.mean_nll - reference.mean_nll
-            result.setdefault(site.name, {})[fmt] = value
+    for (site, fmt), readout in zip(work, readouts):
+        value = readout.kl if quantity == "kl" else readout.mean_nll - reference.mean_nll
+        result.setdefault(site.name, {})[fmt] = value
     return result
 
 

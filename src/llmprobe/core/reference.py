@@ -36,6 +36,7 @@ from typing import Any, ContextManager
 
 import torch
 
+from . import progress
 from .errors import LLMProbeError
 from .interventions import forward_hooks
 from .modulemap import ModuleMap, output_head
@@ -365,6 +366,29 @@ class Reference:
                     scores = self._score(window, self.head(hidden[first:first + rows]))
                     for offset in range(len(scores[0])):
                         readouts[first + offset].add(*scores, row=offset)
+        return readouts
+
+    def evaluate_many(self, targets: Sequence[tuple[Modification, int | None]],
+                      description: str | None = None) -> list[Readout]:
+        """Readouts of many (modification, block) pairs, in their order. Each modification must
+        change its block and nothing else (None: something outside the blocks — a full forward).
+        Pairs of one block are run together by :meth:`evaluate_in_block`; ``description``: show
+        a progress bar over the blocks."""
+        by_layer: dict[int | None, list[int]] = {}
+        for index, (_modification, layer) in enumerate(targets):
+            by_layer.setdefault(layer, []).append(index)
+        readouts: list[Readout | None] = [None] * len(targets)
+        groups = list(by_layer.items())
+        if description is not None:
+            groups = progress.track(groups, description, total=len(groups))
+        for layer, indices in groups:
+            modifications = [targets[i][0] for i in indices]
+            if layer is None:
+                found = [self.evaluate(m, None) for m in modifications]
+            else:
+                found = self.evaluate_in_block(modifications, layer)
+            for index, readout in zip(indices, found):
+                readouts[index] = readout
         return readouts
 
     def info(self, model_name: str, dataset: str) -> ReferenceInfo:

@@ -37,7 +37,7 @@ from ...core.interventions import Patch, forward_hooks, patched_weights
 from ...core.loading import LoadedModel
 from ...core.modulemap import ModuleMap
 from ...core.records import Record
-from ...core.reference import Readout, Reference, block_output
+from ...core.reference import Reference, block_output
 from .common import Tables, check_positive, make_reference, model_name, select_sites
 from .readout import ReadoutColumns, spearman
 
@@ -172,14 +172,9 @@ def ablation(lm: LoadedModel, windows: Sequence[torch.Tensor], *, mode: str = "z
     targets = ablation_targets(mmap, granularity, mode, roles, layers, regex)
     ref = reference or make_reference(model, windows, prefix_cache=prefix_cache)
     # Targets of one block are read out together: each reruns its block, the blocks after it
-    # run once for all of them (Reference.evaluate_in_block).
-    by_layer: dict[int, list[int]] = {}
-    for index, target in enumerate(targets):
-        by_layer.setdefault(target[2], []).append(index)
-    readouts: dict[int, Readout] = {}
-    for layer, indices in by_layer.items():
-        found = ref.evaluate_in_block([_modification(model, targets[i][3], mode) for i in indices], layer)
-        readouts.update(zip(indices, found))
+    # run once for all of them (Reference.evaluate_many / evaluate_in_block).
+    readouts = ref.evaluate_many([(_modification(model, target[3], mode), target[2]) for target in targets],
+                                 description="ablation")
     rows: list[AblationTarget] = []
     for index, (name, role, layer, _kind, parameters, matrices) in enumerate(targets):
         readout = readouts[index]
