@@ -38,8 +38,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from llmprobe.analyses.robustness import ablation
-    from llmprobe.analyses.robustness.readout import Reference, load_eval_windows
+    from llmprobe.analyses.robustness.readout import load_eval_windows
     from llmprobe.core.loading import load_model
+    from llmprobe.core.reference import Reference
 
     lm = load_model(None, dtype="fp32", device="cpu")
     windows = load_eval_windows(lm.tokenizer, args.dataset, args.seqlen, args.windows)

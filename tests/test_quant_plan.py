@@ -253,7 +253,7 @@ def numpy_group_quant(w: np.ndarray, bits: int, group: int) -> np.ndarray:
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_output_error_equals_plain_loop(arch):
     calib = calibration(arch)
-    out = qp.plan(calib, avg_bits=5, candidates="2,4,8", group_size=16)
+    out = qp.plan(calib, avg_bits=5, candidates="2,4,8", group_size=16, metric="output")
     inputs = captured_inputs(calib.lm.model, calib.windows)
     rows = {(r.module, r.format): r.sensitivity for r in out.tables["quant_sensitivity"]}
     checked = 0
@@ -275,7 +275,7 @@ def test_output_error_equals_plain_loop(arch):
 
 def test_fisher_weighted_output_error_equals_plain_loop():
     calib = calibration()
-    out = qp.plan(calib, avg_bits=5, candidates="2,8", group_size=16, fisher_weighted=True)
+    out = qp.plan(calib, avg_bits=5, candidates="2,8", group_size=16, fisher_weighted=True, metric="output")
     model = calib.lm.model
     site = calib.sites[-1]
     # Reference: ∂L/∂y of that module by autograd on a deep copy, L = window mean loss.
@@ -391,8 +391,8 @@ def test_fgmp_equals_plain_fisher_loop():
 
 def test_layers_per_pass_gives_the_same_sensitivities():
     calib = calibration()
-    one = qp.plan(calib, avg_bits=4, candidates="2,4,8", group_size=16)
-    chunked = qp.plan(calib, avg_bits=4, candidates="2,4,8", group_size=16, layers_per_pass=1)
+    one = qp.plan(calib, avg_bits=4, candidates="2,4,8", group_size=16, metric="output")
+    chunked = qp.plan(calib, avg_bits=4, candidates="2,4,8", group_size=16, layers_per_pass=1, metric="output")
     a = [r.sensitivity for r in one.tables["quant_sensitivity"]]
     b = [r.sensitivity for r in chunked.tables["quant_sensitivity"]]
     assert a == pytest.approx(b, rel=1e-12)
