@@ -40,7 +40,7 @@ from . import progress
 from .errors import LLMProbeError
 from .interventions import forward_hooks
 from .modulemap import ModuleMap, output_head
-from .readouts import next_token_kl, token_nll, top1_agreement
+from .readouts import kl_from_logprobs, nll_from_logprobs, token_nll
 from .records import Record
 
 Modification = Callable[[], ContextManager]
@@ -137,6 +137,8 @@ def final_norm(model: torch.nn.Module, mmap: ModuleMap) -> torch.nn.Module | Non
 class Reference:
     """The unmodified model's results on ``windows``, computed once (see module docstring)."""
 
+    HEAD_TOKENS = 1024   # evaluate_in_block: rows × tokens per head product
+
     def __init__(self, model: torch.nn.Module, windows: Sequence[torch.Tensor], *, prefix_cache: bool = True,
                  cache_budget_mb: float = 4096.0, logits_cache_mb: float = 256.0, keep_block_outputs: bool = False,
                  logits_chunk_mb: float = 256.0):
@@ -162,8 +164,9 @@ class Reference:
         self.window_nll: list[float] = []
         self.window_tokens: list[int] = []
         vocab = int(getattr(model.config, "vocab_size", 0) or 0)
-        self.logits_mb = tokens * vocab * 4 / 2**20
+        self.logits_mb = tokens * vocab * 4 * 2 / 2**20   # log-probabilities and probabilities
         self.cached_logits: list[torch.Tensor] | None = [] if 0 < self.logits_mb <= logits_cache_mb else None
+        self.cached_probs: list[torch.Tensor] = []
         self.cached_top1: list[torch.Tensor] = []
         self._run(want_prefix or keep_block_outputs, keep_block_outputs)
         self.nll_sum = float(sum(self.window_nll))
@@ -229,6 +232,7 @@ class Reference:
                 # kept as log-probabilities with their argmax: what KL and top-1 need, computed once
                 logprobs = torch.log_softmax(logits.detach().float(), dim=-1)
                 self.cached_logits.append(logprobs)
+                self.cached_probs.append(logprobs.exp())
                 self.cached_top1.append(logprobs.argmax(dim=-1))
             if capture_blocks:
                 self.block_inputs.append(inputs)
@@ -306,19 +310,18 @@ class Reference:
         """Per row of ``logits`` [K, L, V] (K modified models on window ``window``): the summed
         NLL, KL to the reference and top-1 agreement over the positions 0 … L−2."""
         ids = self.windows[window]
-        rows = logits.shape[0]
-        per_token = token_nll(logits, ids.expand(rows, -1))
-        reference = self.reference_logits(window)
+        # one log-softmax of the modified logits serves the loss and the KL
+        other_lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        per_token = nll_from_logprobs(other_lp, ids)
         if self.cached_logits is not None:
-            # same formulas as core.readouts.next_token_kl / top1_agreement, with the
-            # reference side (log-probabilities, argmax) computed once in the clean run
-            ref_lp = reference[:, :-1]
-            other_lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-            kl = (ref_lp.exp() * (ref_lp - other_lp)).sum(dim=-1)
-            agree = (self.cached_top1[window][:, :-1] == logits[:, :-1].argmax(dim=-1)).float()
+            # the reference side (log-probabilities, probabilities, argmax) from the clean run
+            ref_lp, ref_p = self.cached_logits[window][:, :-1], self.cached_probs[window][:, :-1]
+            ref_top = self.cached_top1[window][:, :-1]
         else:
-            kl = next_token_kl(reference[:, :-1], logits[:, :-1])
-            agree = top1_agreement(reference[:, :-1], logits[:, :-1])
+            reference = self.reference_logits(window)[:, :-1]
+            ref_lp, ref_p, ref_top = torch.log_softmax(reference.float(), dim=-1), None, reference.argmax(dim=-1)
+        kl = kl_from_logprobs(ref_lp, other_lp, ref_p)
+        agree = (ref_top == logits[:, :-1].argmax(dim=-1)).float()
         return (per_token.double().sum(dim=1).tolist(), kl.double().sum(dim=1).tolist(),
                 agree.double().sum(dim=1).tolist(), int(per_token.shape[1]))
 
@@ -361,11 +364,15 @@ class Reference:
                     hidden = block_output(blocks[index](hidden, *rest, **kwargs))
                 hidden = self.norm(hidden)
                 vocab = int(getattr(self.model.config, "vocab_size", 0) or 1)
-                rows = max(1, int(self.logits_chunk_mb * 2**20 // (hidden.shape[1] * vocab * 4)))
+                # The head's product gains from more rows up to ~1k tokens; the readout over the
+                # vocabulary is memory-bound and runs one row at a time (measured on CPU).
+                length = hidden.shape[1]
+                rows = max(1, min(int(self.logits_chunk_mb * 2**20 // (length * vocab * 4)),
+                                  self.HEAD_TOKENS // length))
                 for first in range(0, hidden.shape[0], rows):
-                    scores = self._score(window, self.head(hidden[first:first + rows]))
-                    for offset in range(len(scores[0])):
-                        readouts[first + offset].add(*scores, row=offset)
+                    logits = self.head(hidden[first:first + rows])
+                    for offset in range(logits.shape[0]):
+                        readouts[first + offset].add(*self._score(window, logits[offset:offset + 1]), row=0)
         return readouts
 
     def evaluate_many(self, targets: Sequence[tuple[Modification, int | None]],
