@@ -9,7 +9,14 @@ import torch.nn.functional as F
 
 from llmprobe.core.errors import LLMProbeError
 from llmprobe.core.interventions import Patch, bit_role, forward_hooks, patched_weights
-from llmprobe.core.readouts import next_token_kl, nll_sum, token_nll, top1_agreement
+from llmprobe.core.readouts import (
+    kl_from_logprobs,
+    next_token_kl,
+    nll_from_logprobs,
+    nll_sum,
+    token_nll,
+    top1_agreement,
+)
 
 
 def _net():
@@ -112,3 +119,8 @@ def test_readouts_against_plain_loops():
     ref_kl = F.kl_div(F.log_softmax(other, -1), F.log_softmax(logits, -1), log_target=True, reduction="none").sum(-1)
     assert torch.allclose(kl, ref_kl, atol=1e-5)
     assert torch.all(top1_agreement(logits, logits) == 1)
+    # the forms that reuse log-probabilities give the same numbers, bit for bit
+    other_lp, ref_lp = torch.log_softmax(logits[:, :-1], -1), torch.log_softmax(other[:, :-1], -1)
+    assert torch.equal(nll_from_logprobs(other_lp, ids), nll)
+    assert torch.equal(kl_from_logprobs(ref_lp, other_lp), next_token_kl(other[:, :-1], logits[:, :-1]))
+    assert torch.equal(kl_from_logprobs(ref_lp, other_lp, ref_lp.exp()), kl_from_logprobs(ref_lp, other_lp))

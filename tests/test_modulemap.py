@@ -12,7 +12,7 @@ from tiny import ARCHS, save_tiny_model_dir, shard_files, tiny_config, tiny_mode
 from torch import nn
 
 from llmprobe.core.errors import LLMProbeError
-from llmprobe.core.modulemap import ROLES, LinearSite, ModuleMap
+from llmprobe.core.modulemap import ROLES, LinearSite, ModuleMap, model_structure, skeleton_model
 
 LLAMA_ROLES = {"attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down"}
 SPLIT_QKV_FC = {"attn.q", "attn.k", "attn.v", "attn.o", "mlp.fc1", "mlp.fc2"}
@@ -288,6 +288,54 @@ def test_from_config_builds_on_meta(arch):
     assert all(site.weight().is_meta for site in meta_map.linears)
     for name, _ in real_map.model.named_parameters():
         assert meta_map.param_info(name) == real_map.param_info(name)
+
+
+def _everything_a_map_reads(module_map: ModuleMap) -> dict:
+    model = module_map.model
+    return {
+        "modules": [(name, type(module).__name__) for name, module in model.named_modules()],
+        "parameters": [(n, tuple(p.shape), p.dtype) for n, p in model.named_parameters(remove_duplicate=False)],
+        "distinct parameters": [name for name, _ in model.named_parameters()],
+        "buffers": [(n, tuple(b.shape), b.dtype) for n, b in model.named_buffers(remove_duplicate=False)],
+        "prefix": getattr(model, "base_model_prefix", ""),
+        "blocks": (module_map.blocks_path, module_map.num_layers),
+        "linears": _signature(module_map),
+        "modules info": module_map._module_info,
+        "param_info": [module_map.param_info(n) for n, _ in model.named_parameters(remove_duplicate=False)],
+        "input groups": {key: [s.name for s in sites] for key, sites in module_map.input_groups().items()},
+        "census": module_map.census(),
+    }
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_structure_skeleton_maps_like_the_model(arch):
+    """The skeleton rebuilt from a model's structure (what weight commands map without
+    transformers) is the same map: modules, classes, parameters (tied ones shared), buffers,
+    blocks, roles, layers, input groups."""
+    config = tiny_config(arch)
+    if arch == "bert":
+        config.architectures = ["BertModel"]
+    meta_map = ModuleMap.from_config(config)
+    structure = json.loads(json.dumps(model_structure(meta_map.model)))  # as it is cached
+    skeleton_map = ModuleMap.from_structure(structure)
+    assert type(skeleton_map.model).__module__ == "llmprobe.skeleton"
+    assert _everything_a_map_reads(skeleton_map) == _everything_a_map_reads(meta_map)
+    assert all(param.is_meta for param in skeleton_map.model.parameters())
+
+
+def test_structure_skeleton_of_the_embedded_model():
+    from llmprobe.core.loading import load_config
+
+    meta_map = ModuleMap.from_config(load_config(None))
+    skeleton_map = ModuleMap.from_structure(json.loads(json.dumps(model_structure(meta_map.model))))
+    assert _everything_a_map_reads(skeleton_map) == _everything_a_map_reads(meta_map)
+    assert skeleton_map.model.lm_head.weight is skeleton_map.model.model.embed_tokens.weight  # tied
+
+
+def test_structure_of_another_format_is_refused():
+    structure = model_structure(ModuleMap.from_config(tiny_config("llama")).model)
+    with pytest.raises(ValueError, match="format"):
+        skeleton_model({**structure, "format": -1})
 
 
 def test_from_config_follows_layer_count():

@@ -253,7 +253,7 @@ def numpy_group_quant(w: np.ndarray, bits: int, group: int) -> np.ndarray:
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_output_error_equals_plain_loop(arch):
     calib = calibration(arch)
-    out = qp.plan(calib, avg_bits=5, candidates="2,4,8", group_size=16)
+    out = qp.plan(calib, avg_bits=5, candidates="2,4,8", group_size=16, metric="output")
     inputs = captured_inputs(calib.lm.model, calib.windows)
     rows = {(r.module, r.format): r.sensitivity for r in out.tables["quant_sensitivity"]}
     checked = 0
@@ -275,7 +275,7 @@ def test_output_error_equals_plain_loop(arch):
 
 def test_fisher_weighted_output_error_equals_plain_loop():
     calib = calibration()
-    out = qp.plan(calib, avg_bits=5, candidates="2,8", group_size=16, fisher_weighted=True)
+    out = qp.plan(calib, avg_bits=5, candidates="2,8", group_size=16, fisher_weighted=True, metric="output")
     model = calib.lm.model
     site = calib.sites[-1]
     # Reference: ∂L/∂y of that module by autograd on a deep copy, L = window mean loss.
@@ -329,6 +329,32 @@ def test_delta_loss_equals_hand_quantized_copy():
     assert got == pytest.approx(expected, rel=1e-3, abs=1e-6)
 
 
+def test_kl_metric_equals_hand_quantized_copy():
+    """--metric kl: mean next-token KL(unquantized ‖ one module quantized) over the calibration
+    windows' predicting positions, against a plain softmax loop on a hand-quantized copy."""
+    calib = calibration()
+    out = qp.plan(calib, avg_bits=5, candidates="2,8", group_size=16, metric="kl")
+    site = calib.sites[2]
+
+    def log_probs(model):
+        with torch.no_grad():
+            return [torch.log_softmax(model(input_ids=row[None]).logits[0, :-1].double(), dim=-1)
+                    for row in calib.windows]
+
+    base = log_probs(calib.lm.model)
+    ref = copy.deepcopy(calib.lm.model)
+    module = dict(ref.named_modules())[site.name]
+    with torch.no_grad():
+        module.weight.copy_(torch.from_numpy(numpy_group_quant(module.weight.numpy(), 2, 16)))
+    quantized = log_probs(ref)
+    total = sum(float((p.exp() * (p - q)).sum()) for p, q in zip(base, quantized))
+    expected = total / sum(p.shape[0] for p in base)
+    rows = {(r.module, r.format): r.sensitivity for r in out.tables["quant_sensitivity"]}
+    assert rows[(site.name, "int2")] == pytest.approx(expected, rel=1e-3, abs=1e-7)
+    assert all(value >= -1e-7 for value in rows.values())
+    assert rows[(site.name, "int8")] < rows[(site.name, "int2")]
+
+
 @pytest.mark.parametrize("metric", ["fgmp", "alpha", "kurtosis"])
 def test_other_metrics_run_and_rank_bits(metric):
     calib = calibration()
@@ -365,8 +391,8 @@ def test_fgmp_equals_plain_fisher_loop():
 
 def test_layers_per_pass_gives_the_same_sensitivities():
     calib = calibration()
-    one = qp.plan(calib, avg_bits=4, candidates="2,4,8", group_size=16)
-    chunked = qp.plan(calib, avg_bits=4, candidates="2,4,8", group_size=16, layers_per_pass=1)
+    one = qp.plan(calib, avg_bits=4, candidates="2,4,8", group_size=16, metric="output")
+    chunked = qp.plan(calib, avg_bits=4, candidates="2,4,8", group_size=16, layers_per_pass=1, metric="output")
     a = [r.sensitivity for r in one.tables["quant_sensitivity"]]
     b = [r.sensitivity for r in chunked.tables["quant_sensitivity"]]
     assert a == pytest.approx(b, rel=1e-12)

@@ -12,8 +12,9 @@ import torch
 from tiny import tiny_model
 
 from llmprobe.analyses.robustness import ablation, bitflip, noise
-from llmprobe.analyses.robustness.readout import Reference, spearman
+from llmprobe.analyses.robustness.readout import spearman
 from llmprobe.core.errors import LLMProbeError
+from llmprobe.core.reference import Reference
 
 torch.set_num_threads(1)
 
@@ -309,6 +310,33 @@ def test_prefix_sweep_equals_naive_sweep(model, windows, granularity):
         slow = ref.evaluate(ablation._modification(model, kind, "zero"), layer, use_prefix=False)
         assert abs(fast.mean_nll - slow.mean_nll) < 1e-5 and abs(fast.kl - slow.kl) < 1e-5, name
         assert fast.top1 == slow.top1
+
+
+@pytest.mark.parametrize("granularity", ["matrix", "layer", "block"])
+def test_block_batched_sweep_equals_naive_sweep(model, windows, granularity):
+    """evaluate_in_block (one block rerun per target, the rest batched over targets, the head in
+    chunks) gives what full forwards per target give."""
+    ref = Reference(model, windows, logits_chunk_mb=0.01)   # tiny chunks: several head calls
+    assert ref.prefix_ok and ref.batch_ok
+    targets = ablation.ablation_targets(ref.mmap, granularity, "zero", None, None, None)
+    by_layer = {}
+    for target in targets:
+        by_layer.setdefault(target[2], []).append(target)
+    for layer, group in by_layer.items():
+        batched = ref.evaluate_in_block([ablation._modification(model, t[3], "zero") for t in group], layer)
+        for target, fast in zip(group, batched):
+            slow = ref.evaluate(ablation._modification(model, target[3], "zero"), layer, use_prefix=False)
+            assert abs(fast.mean_nll - slow.mean_nll) < 1e-5 and abs(fast.kl - slow.kl) < 1e-5, target[0]
+            assert fast.top1 == slow.top1 and fast.tokens == slow.tokens
+            assert fast.window_losses == pytest.approx(slow.window_losses, abs=1e-5)
+    # evaluate_many: any order of blocks, a pair outside the blocks (None: full forward) included
+    shuffled = list(reversed(targets))
+    pairs = [(ablation._modification(model, t[3], "zero"), t[2]) for t in shuffled]
+    pairs.insert(1, (ablation._modification(model, shuffled[0][3], "zero"), None))
+    many = ref.evaluate_many(pairs)
+    expected = [ref.evaluate(m, layer, use_prefix=False) for m, layer in pairs]
+    assert [r.mean_nll for r in many] == pytest.approx([r.mean_nll for r in expected], abs=1e-5)
+    assert [r.kl for r in many] == pytest.approx([r.kl for r in expected], abs=1e-5)
 
 
 def test_prefix_cache_falls_back_when_over_budget(model, windows):

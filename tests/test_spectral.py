@@ -387,3 +387,19 @@ def test_summarize_is_consistent_with_the_estimators():
     assert both["alpha"] == both["alpha_hill"] and both["alpha_powerlaw"] == fit.alpha
     with pytest.raises(LLMProbeError):
         summarize(sigma, fit="mle")
+
+
+def test_small_matrices_take_one_blas_thread_and_large_ones_keep_theirs():
+    from threadpoolctl import threadpool_info
+
+    from llmprobe.core.spectral import SINGLE_THREAD_MAX_SIDE, _blas_threads_for
+
+    def blas_threads():
+        return {info["filepath"]: info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"}
+
+    before = blas_threads()
+    with _blas_threads_for((49152, 576)):
+        assert set(blas_threads().values()) <= {1}
+    assert blas_threads() == before  # restored
+    with _blas_threads_for((SINGLE_THREAD_MAX_SIDE + 1, SINGLE_THREAD_MAX_SIDE + 1)):
+        assert blas_threads() == before

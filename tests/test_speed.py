@@ -135,6 +135,32 @@ def test_parallel_figures_write_the_same_files_and_bytes_as_serial(tmp_path, mon
     assert manifest["status"] == "complete" and set(pngs) <= set(manifest["files"])
 
 
+def test_workers_started_with_the_command_draw_the_same_bytes(tmp_path, monkeypatch):
+    """Workers started early (one interpreter warmed up by a throw-away figure, then forked)
+    are the ones that draw, and their files equal the in-process ones; unused workers are
+    stopped, not waited for."""
+    from llmprobe.core import figures
+
+    serial = _write(tmp_path, "serial", 0, monkeypatch)
+    monkeypatch.setenv("LLMPROBE_FIGURE_WORKERS", "2")
+    figures.start_workers(warm=("llmprobe.plots.alpha_hill",))
+    pool = figures._STARTED["pool"]
+    figures.start_workers()  # already started: no second pool
+    assert figures._STARTED["pool"] is pool and len(pool.channels) == 2
+    with RunOutput(tmp_path / "early", command="test") as run:
+        figures.write_figures(run, _alpha_figures(), "png")
+    assert pool.used and "pool" not in figures._STARTED
+    assert pool.proc.poll() == 0  # the first worker exited after the one it forked
+    assert run.files == serial.files
+    for rel in run.files:
+        if rel.endswith(".png"):
+            assert (run.dir / rel).read_bytes() == (serial.dir / rel).read_bytes(), rel
+    figures.start_workers()
+    unused = figures._STARTED.pop("pool")
+    unused.discard()
+    assert unused.proc.poll() is not None
+
+
 def test_reused_bar_figures_equal_freshly_built_bars(tmp_path):
     """The frozen-layout figure updated in place shows the same bars as one built for the group."""
     from llmprobe.plots.alpha_hill import _bars_figure, reused_bar_figures
@@ -214,3 +240,37 @@ def test_weight_source_builds_the_conversion_when_absent_and_falls_back_to_the_g
 
     monkeypatch.setattr(loading, "converted_gguf_dir", cannot)
     assert isinstance(weightsource.WeightSource.open(None), weightsource.GGUFSource)
+
+
+# ------------------------------------------------------------------------------ tables
+
+
+def test_tables_are_written_as_pandas_wrote_them():
+    """records_csv writes the bytes pandas' object-dtype to_csv wrote before it replaced it."""
+    import math
+    import random
+
+    import pandas as pd
+
+    from llmprobe.core.output import records_csv
+
+    class Row:
+        def __init__(self, data):
+            self.data = data
+
+        def row(self):
+            return self.data
+
+    generator = random.Random(0)
+    floats = [0.1, 1 / 3, 1e-20, 1e16, 123456789.123, -0.0, 2.5e-7, math.inf, -math.inf, math.nan,
+              0.30000000000000004] + [generator.uniform(-1, 1) * 10 ** generator.randint(-12, 12) for _ in range(200)]
+    values = floats + [None, 0, 7, -3, 2**63, True, False, "", "plain", "a,b", 'say "hi"', "two\nlines",
+                       "cr\rhere", " padded ", [1, 2], {"k": 1.5}, "é ü"]
+    tables = [[{"name": f"m{i}", "value": generator.choice(values), "other": generator.choice(values)}
+               for i in range(300)],
+              [{"a": 1, "b": None}, {"a": 2, "c": "late column"}, {"b": 3.5}],  # ragged rows
+              []]
+    for rows in tables:
+        frame = pd.DataFrame(rows, columns=list(dict.fromkeys(c for r in rows for c in r)), dtype=object) \
+            if rows else pd.DataFrame()
+        assert records_csv([Row(r) for r in rows]) == frame.to_csv(index=False)

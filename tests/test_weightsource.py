@@ -219,3 +219,53 @@ def test_gguf_tensors_equal_the_transformers_conversion():
     assert gguf.stored_dtype("model.layers.0.self_attn.q_proj.weight").startswith("Q")
     assert gguf.stored_dtype("model.norm.weight") == "F32"
     assert gguf.module_map.param_info("model.layers.0.self_attn.k_proj.weight") == (0, "attn.k")
+
+
+# -- the module map from the cached structure -----------------------------------------------------
+
+
+def test_module_map_from_the_cached_structure_is_the_map_of_the_model(tmp_path, monkeypatch):
+    """The first map of a config is built through transformers and its structure kept; later
+    ones are rebuilt from it, the same map (a changed config is a new entry)."""
+    monkeypatch.setenv("LLMPROBE_CACHE", str(tmp_path / "cache"))
+    directory = save_tiny_model_dir("gpt2", tmp_path / "gpt2")  # Conv1D: transposed weights
+    first = WeightSource.open(str(directory)).module_map
+    assert type(first.model).__module__.startswith("transformers.")
+    kept = list((tmp_path / "cache" / "module-structures").glob("*.json"))
+    assert len(kept) == 1
+    second = WeightSource.open(str(directory)).module_map
+    assert type(second.model).__module__ == "llmprobe.skeleton"
+    signature = [(s.name, s.layer, s.role, s.in_features, s.out_features, s.transposed, s.input_group)
+                 for s in first.linears]
+    assert signature == [(s.name, s.layer, s.role, s.in_features, s.out_features, s.transposed, s.input_group)
+                         for s in second.linears]
+    names = WeightSource.open(str(directory)).names()
+    assert [first.param_info(n) for n in names] == [second.param_info(n) for n in names]
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "n_layer": 3}))
+    third = WeightSource.open(str(directory)).module_map
+    assert third.num_layers == 3 and len(list((tmp_path / "cache" / "module-structures").glob("*.json"))) == 2
+
+
+def test_a_damaged_cached_structure_is_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMPROBE_CACHE", str(tmp_path / "cache"))
+    directory = save_tiny_model_dir("llama", tmp_path / "llama")
+    WeightSource.open(str(directory)).module_map  # noqa: B018
+    [kept] = (tmp_path / "cache" / "module-structures").glob("*.json")
+    kept.write_text("{not json")
+    rebuilt = WeightSource.open(str(directory)).module_map
+    assert rebuilt.num_layers == 2 and json.loads(kept.read_text())["format"] >= 1
+
+
+def test_a_weight_command_with_a_cached_structure_does_not_import_transformers(tmp_path):
+    import subprocess
+    import sys
+
+    directory = save_tiny_model_dir("llama", tmp_path / "llama")
+    env = {**os.environ, "LLMPROBE_CACHE": str(tmp_path / "cache")}
+    code = ("import sys; from llmprobe.core.weightsource import WeightSource; from llmprobe.core import progress; "
+            f"progress.silence_libraries(); m = WeightSource.open({str(directory)!r}).module_map; "
+            "print(len(m.linears), 'transformers' in sys.modules)")
+    runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+            for _ in range(2)]
+    assert runs == ["15 True\n", "15 False\n"]  # 2 x 7 block linears + the head; the first run builds it

@@ -55,6 +55,7 @@ class Analysis:
     needs: tuple[str, ...] = ()
     prepare: str | None = None                  # "module:function"(job): checks needing data, before output
     figures: str | None = None                  # "module:function"(result, options) -> [(stem, figure), ...]
+    many_figures: bool = False                  # figures described as data, many: workers start with the command
     summary: tuple[Show, ...] = ()
     printer: str | None = None                  # "module:function"(result, options, console): custom summary
     json_table: str | None = None               # table printed by --json (default: the first Show's)

@@ -245,6 +245,8 @@ def execute(session: Session, analysis: registry.Analysis, options: Options, *,
         target = out
         out = distributed.settle(lambda: check_out_target(target, overwrite, model_path=session.model_options["model"])
                                  if distributed.is_main() else target)
+    if out is not None and distributed.is_main():
+        start_figure_workers(analysis, bool(getattr(options, "plot", False)))
     job = Job(session, options, analysis)
     distributed.settle(_open_needs, session, analysis, job)
     world = distributed.facts()  # {} in one process
@@ -307,6 +309,22 @@ def run_manifest(session: Session, job: Job) -> dict[str, Any]:
         corpus, ids = job.state["evaluation"]
         facts["dataset"] = {**corpus_manifest(corpus), "tokens": int(len(ids)), "token_ids_sha256": ids_sha256(ids)}
     return facts
+
+
+def start_figure_workers(analysis: registry.Analysis, plot: bool) -> None:
+    """Start the figure workers of an analysis that draws many figures in them, so that their
+    imports overlap this process's (:func:`llmprobe.core.figures.start_workers`). The CLI calls
+    it before the options are checked (torch is imported there); ``execute`` again (a no-op then)."""
+    import os
+
+    from .core import distributed
+
+    if distributed.launched() and os.environ.get("RANK", "0") != "0":
+        return  # rank 0 draws; the process group is not up yet when the CLI calls this
+    if plot and analysis.figures and analysis.many_figures:
+        from .core.figures import start_workers
+
+        start_workers(warm=(analysis.figures.partition(":")[0],))
 
 
 def write_figures(run, figures, fmt: str) -> None:

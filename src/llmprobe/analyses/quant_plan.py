@@ -4,8 +4,10 @@ by fake quantization (``quant eval``, ``quant eval --sweep``). docs/quant.md has
 Plan
     1. Every selected linear module m and every candidate format f gets a size ``bits(m, f)``
        (integer bits, group scales included, see :func:`format_bits`) and a sensitivity
-       ``s(m, f)`` (``--metric``; default ``output``: the expected output error
-       E_x ‖(W − Q_f(W)) x‖² over the calibration tokens).
+       ``s(m, f)`` (``--metric``; default ``kl``: the whole model's mean next-token
+       KL(unquantized ‖ only m in format f), measured on the first ``--measure-windows``
+       calibration windows; ``output``, the expected output error E_x ‖(W − Q_f(W)) x‖², is the
+       one-pass alternative — measured on the embedded model, its plans lose to uniform ones).
     2. A multiple-choice knapsack (core/allocation.py) picks one format per module minimising
        Σ s(m, f_m) subject to Σ bits(m, f_m) <= floor(avg_bits × Σ params) — an integer bound,
        so the plan's average never exceeds the budget, not even by rounding.
@@ -47,8 +49,8 @@ from ..core.records import Record
 
 Tables = dict[str, list[Record]]
 
-METRICS = ("output", "delta-loss", "fgmp", "alpha", "kurtosis")
-DEFAULT_CANDIDATES = ("int2", "int3", "int4", "int8")
+METRICS = ("output", "kl", "delta-loss", "fgmp", "alpha", "kurtosis")
+DEFAULT_CANDIDATES = ("int2", "int3", "int4", "int5", "int6", "int8")
 SCALE_BITS = 16            # every group scale is counted as one fp16 number
 PLAN_FORMAT_VERSION = 1
 _FLOAT_ELEMENT_BITS = {"fp16": 16, "bf16": 16, "fp8_e4m3": 8, "fp8_e5m2": 8, "fp4_e2m1": 4, "nf4": 4}
@@ -351,28 +353,28 @@ def _sens_output(calib, sites, options, scheme, *, batch_size, layers_per_pass, 
     return result, tokens_seen
 
 
-def _mean_loss(model: torch.nn.Module, windows: torch.Tensor, batch_size: int) -> float:
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    with torch.inference_mode():
-        for start in range(0, windows.shape[0], batch_size):
-            ids = windows[start:start + batch_size].to(device)
-            s, n = nll_sum(model(input_ids=ids, use_cache=False).logits, ids)
-            total += s
-            count += n
-    return total / count
+def _sens_measured(model, windows, sites, options, scheme, *, quantity: str):
+    """Measured on the calibration windows, one module quantized at a time: the whole model's
+    mean next-token KL(unquantized ‖ quantized) (``kl``) or the change of its mean next-token
+    loss (``delta-loss``). The readout is the robustness one (analyses/robustness/readout.py):
+    the unquantized run is done once and its block inputs are kept, so a module in block ℓ
+    reruns blocks ℓ…end only. The loss change can be negative by chance (a small perturbation
+    that happens to help these windows); KL is never negative and sees every position's whole
+    distribution, which is why it is the steadier of the two."""
+    from ..core.reference import Reference
 
-
-def _sens_delta_loss(calib, sites, options, scheme, *, batch_size):
-    """Measured Δloss: the calibration loss with that one module quantized, minus the baseline."""
-    model = calib.lm.model
-    base = _mean_loss(model, calib.windows, batch_size)
-    result = {}
-    work = [(s, f) for s in sites for f in options[s.name]]
-    for site, fmt in progress.track(work, "delta-loss", total=len(work)):
-        with patched_weights(model, [Patch(site.weight_name, "set", value=quantized_weight(site, fmt, scheme))]):
-            loss = _mean_loss(model, calib.windows, batch_size)
-        result.setdefault(site.name, {})[fmt] = loss - base
+    reference = Reference(model, list(windows))
+    work = [(site, fmt) for site in sites for fmt in options[site.name]]
+    # Quantized when the patch is entered (once per window), so at most one quantized copy of
+    # a matrix exists at a time; the pairs of one block are read out together.
+    readouts = reference.evaluate_many([
+        (lambda site=site, fmt=fmt: patched_weights(
+            model, [Patch(site.weight_name, "set", value=quantized_weight(site, fmt, scheme))]), site.layer)
+        for site, fmt in work], description=quantity)
+    result: dict[str, dict[str, float]] = {}
+    for (site, fmt), readout in zip(work, readouts):
+        value = readout.kl if quantity == "kl" else readout.mean_nll - reference.mean_nll
+        result.setdefault(site.name, {})[fmt] = value
     return result
 
 
@@ -535,9 +537,9 @@ def _check_metric(metric: str) -> str:
 
 
 def plan(calib: Calibration, *, avg_bits: float, candidates: str | Sequence[str] | None = None,
-         group_size: int = 128, symmetric: bool = True, metric: str = "output", keep: Sequence[str] = (),
+         group_size: int = 128, symmetric: bool = True, metric: str = "kl", keep: Sequence[str] = (),
          fisher_weighted: bool = False, layers_per_pass: int = 0, batch_size: int = 1,
-         solver: str = "auto") -> PlanOutput:
+         solver: str = "auto", measure_windows: int = 4) -> PlanOutput:
     """Measure every selected module's sensitivity to every candidate and allocate formats under
     the bit budget (module docstring). Every option is validated before the model runs."""
     metric = _check_metric(metric)
@@ -554,13 +556,17 @@ def plan(calib: Calibration, *, avg_bits: float, candidates: str | Sequence[str]
         raise LLMProbeError(f"--layers-per-pass must be a non-negative integer; got {layers_per_pass!r}")
     if batch_size < 1:
         raise LLMProbeError(f"--batch-size must be at least 1; got {batch_size}")
+    if isinstance(measure_windows, bool) or not isinstance(measure_windows, int) or measure_windows < 0:
+        raise LLMProbeError(f"--measure-windows must be a non-negative integer; got {measure_windows!r}")
 
     tokens = None
     if metric == "output":
         sens, tokens = _sens_output(calib, sites, options, scheme, batch_size=batch_size,
                                     layers_per_pass=layers_per_pass, fisher_weighted=fisher_weighted)
-    elif metric == "delta-loss":
-        sens = _sens_delta_loss(calib, sites, options, scheme, batch_size=batch_size)
+    elif metric in ("kl", "delta-loss"):
+        windows = calib.windows[:measure_windows] if measure_windows else calib.windows
+        sens = _sens_measured(calib.lm.model, windows, sites, options, scheme, quantity=metric)
+        tokens = int(windows.shape[0] * windows.shape[1])
     elif metric == "fgmp":
         sens = _sens_fgmp(calib, sites, options, scheme, batch_size=batch_size)
     elif metric == "alpha":
@@ -1088,7 +1094,8 @@ def plan_job(job):
     o = job.options
     out = plan(job.calibration, avg_bits=o.avg_bits, candidates=o.candidates, group_size=o.group_size,
                symmetric=o.symmetric, metric=o.metric, keep=o.keep or (), fisher_weighted=o.fisher_weighted,
-               layers_per_pass=o.layers_per_pass, batch_size=o.batch_size, solver=o.solver)
+               layers_per_pass=o.layers_per_pass, batch_size=o.batch_size, solver=o.solver,
+               measure_windows=o.measure_windows)
     if job.run is not None:
         atomic_write_text(job.run.path("recipe.yaml"), out.documents["recipe"])
     return Result(tables=out.tables, documents={"quant_plan": out.documents["quant_plan"]},

@@ -20,19 +20,20 @@ register_group("quant", "Weight quantization plans: per-module formats under a b
 
 QP = "llmprobe.analyses.quant_plan"
 PLOTS = "llmprobe.plots.quant"
-METRICS = ("output", "delta-loss", "fgmp", "alpha", "kurtosis")
+METRICS = ("output", "kl", "delta-loss", "fgmp", "alpha", "kurtosis")
 
 
 class PlanOptions(DeviceMapOptions, CalibrationOptions, SelectionOptions, OutputOptions, FigureOptions):
     avg_bits: str = option(..., "--avg-bits", help="Budget: average bits per parameter over the selected modules, "
                                                    "group scales included (exact decimal).")
-    candidates: str = option("2,3,4,8", "--candidates",
+    candidates: str = option("2,3,4,5,6,8", "--candidates",
                              help="Candidate formats, comma-separated: N = intN, or nf4, fp4_e2m1, fp8_e4m3, fp16...")
     group_size: int = option(128, "--group-size", ge=0,
                              help="Elements per scale along the input dimension; 0 = per output channel.")
     symmetric: bool = option(True, "--symmetric/--asymmetric", help="Integer grids symmetric or asymmetric.")
-    metric: str = option("output", "--metric", choices=METRICS,
-                         help="Sensitivity: output (E||(W-Q(W))x||^2), delta-loss, fgmp, alpha, kurtosis.")
+    metric: str = option("kl", "--metric", choices=METRICS,
+                         help="Sensitivity: output (E||(W-Q(W))x||^2), kl (measured next-token KL, one module at a time), "
+                              "delta-loss, fgmp, alpha, kurtosis.")
     fisher_weighted: bool = option(False, "--fisher-weighted",
                                    help="Weight the output error by the diagonal output Fisher (metric output).")
     keep: Optional[list[str]] = option(None, "--keep", help="REGEX=FORMAT: pin matching modules; repeatable.")
@@ -41,6 +42,9 @@ class PlanOptions(DeviceMapOptions, CalibrationOptions, SelectionOptions, Output
     layers_per_pass: int = option(0, "--layers-per-pass", ge=0,
                                   help="Collect input second moments N layers per pass (memory); 0 = all at once.")
     batch_size: int = option(1, "--batch-size", ge=1, help="Calibration windows per forward pass.")
+    measure_windows: int = option(4, "--measure-windows", ge=0,
+                                  help="Metrics kl and delta-loss: measure on the first N calibration windows "
+                                       "(one partial forward per module and format); 0 = all.")
 
     def check(self) -> None:
         _positive_number(self.avg_bits, "--avg-bits")
@@ -92,7 +96,7 @@ class EvalOptions(DeviceMapOptions, SelectionOptions, OutputOptions, FigureOptio
     random: bool = option(False, "--random", help="A random plan of --avg-bits (seed --seed).")
     avg_bits: Optional[str] = option(None, "--avg-bits", help="Budget of --random.")
     seed: int = option(0, "--seed", help="Seed of --random.")
-    candidates: str = option("2,3,4,8", "--candidates", help="Formats of --random.")
+    candidates: str = option("2,3,4,5,6,8", "--candidates", help="Formats of --random.")
     group_size: int = option(128, "--group-size", ge=0, help="For --uniform/--random (a plan carries its own).")
     symmetric: bool = option(True, "--symmetric/--asymmetric", help="For --uniform/--random.")
     sweep: bool = option(False, "--sweep", help="With --plan: plan, uniform and random plans at several budgets.")

@@ -146,6 +146,7 @@ register(Analysis(
     prepare="llmprobe.analyses.alpha_hill:prepare_job",
     compute="llmprobe.analyses.alpha_hill:alpha_hill_job",
     figures="llmprobe.plots.alpha_hill:alpha_hill_figures",
+    many_figures=True,
     summary=(Show("precision_summary_statistics",
                   lambda o, r: f"alpha ({o.fit}) by precision over "
                                f"{len(r['precision_alpha_hill_results'])} matrices"),),

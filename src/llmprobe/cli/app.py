@@ -108,8 +108,9 @@ def run_command(analysis: registry.Analysis, values: dict[str, Any]) -> None:
     # which may already happen while the options are checked.
     if not values.get("quiet"):
         progress.info(f"[bold]{analysis.group} {analysis.command}[/]: starting ...")
-    from ..session import Session, execute
+    from ..session import Session, execute, start_figure_workers
 
+    start_figure_workers(analysis, bool(values.get("plot")))
     options = analysis.options.parse(values)
     model_values = {k: getattr(options, k) for k in ("model", "revision", "trust_remote_code", "dtype", "device",
                                                      "device_map") if k in analysis.options.model_fields}

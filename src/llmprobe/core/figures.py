@@ -182,54 +182,117 @@ def write_figures(run, figures: Iterable[tuple], fmt: str) -> list[str]:
 
 
 def _draw_all(tasks: list[tuple], directory: Path, fmt: str) -> Iterator[tuple[int, list[tuple[str, str]]]]:
-    """(task index, files) for every task, in completion order; drawn by worker processes when
-    that pays, else here."""
-    workers = figure_workers(len(tasks))
-    if workers <= 1:
+    """(task index, files) for every task, in completion order; drawn by the workers started
+    with the command (:func:`start_workers`), else by new ones when that pays, else here."""
+    pool = _STARTED.pop("pool", None)
+    if pool is None:
+        workers = figure_workers(len(tasks))
+        if workers > 1:
+            pool = _WorkerPool(workers)
+    if pool is None:
         for index, task in enumerate(tasks):
             yield index, draw_task(task, str(directory), fmt)
         return
-    yield from _WorkerPool(workers).run(tasks, str(directory), fmt)
+    yield from pool.run(tasks, str(directory), fmt)
 
 
-# A worker: put the parent's import path first, then serve tasks (see _serve).
-_BOOT = ("import pickle, sys; sys.path[:0] = pickle.load(sys.stdin.buffer); "
-         "from llmprobe.core.figures import _serve; _serve()")
+_STARTED: dict[str, _WorkerPool] = {}
+
+
+def start_workers(warm: Iterable[str] = ()) -> None:
+    """Start the figure workers now, for a command that will draw many deferred figures: they
+    import matplotlib and the modules ``warm`` and draw one throw-away figure (fonts, caches)
+    while this process imports torch and computes, mostly on a core it leaves idle. The next
+    :func:`write_figures` uses them; unused ones exit with this process. No-op when workers are
+    already started or would not be used (one core, ``LLMPROBE_FIGURE_WORKERS`` 0 or 1)."""
+    if "pool" in _STARTED:
+        return
+    count = figure_workers(MIN_PARALLEL + MAX_WORKERS)  # as for a set of many figures
+    if count > 1:
+        _STARTED["pool"] = _WorkerPool(count, warm=tuple(warm))
+
+
+# The first worker: put the parent's import path first, then warm up, fork the others and serve
+# tasks (see _serve).
+_BOOT = ("import pickle, sys; path, warm, channels = pickle.load(sys.stdin.buffer); sys.path[:0] = path; "
+         "from llmprobe.core.figures import _serve; _serve(warm, channels)")
 
 
 class _WorkerPool:
-    """``count`` worker interpreters, each fed one task at a time by a thread of this process
-    (dynamic balancing: a worker that finishes early takes the next figure)."""
+    """``count`` workers, started at once: one interpreter imports matplotlib and the modules
+    ``warm`` and draws one throw-away figure, then forks the others (matplotlib is imported
+    once, not once per worker; forking is safe there: the interpreter runs no threads, unlike
+    this process with torch's). Each worker has its own pair of pipes (tasks in, results out).
+    :meth:`run` feeds each one task at a time from a thread of this process (dynamic
+    balancing: a worker that finishes early takes the next figure) and then lets them exit."""
 
-    def __init__(self, count: int):
-        self.count = count
+    def __init__(self, count: int, warm: tuple[str, ...] = ()):
+        import atexit
+        import pickle
+        import subprocess
+        import sys
+
+        worker_ends, self.channels = [], []
+        for _ in range(count):
+            task_read, task_write = os.pipe()
+            result_read, result_write = os.pipe()
+            worker_ends.append((task_read, result_write))
+            self.channels.append((os.fdopen(task_write, "wb"), os.fdopen(result_read, "rb")))
+        env = {**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+               "MKL_NUM_THREADS": "1"}
+        passed = [fd for ends in worker_ends for fd in ends]
+        self.proc = subprocess.Popen([sys.executable, "-c", _BOOT], stdin=subprocess.PIPE, env=env,
+                                     pass_fds=passed)
+        for fd in passed:  # the workers hold them now; a worker that dies closes its result pipe
+            os.close(fd)
+        try:  # a small write: the pipe buffer takes it while the interpreter starts
+            pickle.dump(([p for p in sys.path if p], list(warm), worker_ends), self.proc.stdin)
+            self.proc.stdin.close()
+        except OSError:  # an interpreter that died at once is reported when it is fed
+            pass
+        self.used = False
+        atexit.register(self.discard)
+
+    def discard(self) -> None:
+        """Workers never used (a run that failed or drew nothing) are stopped with this process;
+        they hold no output. Forked workers exit when their task pipe closes."""
+        if not self.used:
+            self.proc.kill()
+            self.close()
+
+    def close(self) -> None:
+        for tasks, results in self.channels:
+            for pipe in (tasks, results):
+                try:
+                    pipe.close()
+                except OSError:
+                    pass
+        try:  # the first worker waits for the ones it forked
+            self.proc.wait(timeout=10)
+        except Exception:
+            self.proc.kill()
 
     def run(self, tasks: list[tuple], directory: str, fmt: str) -> Iterator[tuple[int, list[tuple[str, str]]]]:
         import pickle
         import queue
-        import subprocess
-        import sys
         import threading
 
-        env = {**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-               "MKL_NUM_THREADS": "1"}
-        procs = [subprocess.Popen([sys.executable, "-c", _BOOT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  env=env) for _ in range(self.count)]
+        self.used = True
         pending = iter(range(len(tasks)))
         lock = threading.Lock()
         done: queue.Queue = queue.Queue()
 
-        def feed(proc) -> None:
+        def feed(channel) -> None:
+            to_worker, from_worker = channel
             try:
-                pickle.dump([p for p in sys.path if p], proc.stdin)
                 while True:
                     with lock:
                         index = next(pending, None)
                     if index is None:
                         break
-                    pickle.dump((tasks[index], directory, fmt), proc.stdin)
-                    proc.stdin.flush()
-                    status, payload = pickle.load(proc.stdout)
+                    pickle.dump((tasks[index], directory, fmt), to_worker)
+                    to_worker.flush()
+                    status, payload = pickle.load(from_worker)
                     done.put((index, status, payload))
                     if status != "ok":
                         break
@@ -238,7 +301,7 @@ class _WorkerPool:
             finally:
                 done.put((None, "finished", None))
 
-        threads = [threading.Thread(target=feed, args=(proc,), daemon=True) for proc in procs]
+        threads = [threading.Thread(target=feed, args=(channel,), daemon=True) for channel in self.channels]
         for thread in threads:
             thread.start()
         try:
@@ -255,36 +318,62 @@ class _WorkerPool:
                             pass
                     raise RuntimeError(f"drawing a figure failed in a worker process:\n{payload}")
         finally:
-            for proc in procs:
-                try:
-                    proc.stdin.close()
-                except OSError:
-                    pass
-            for proc in procs:
-                try:
-                    proc.wait(timeout=10)
-                except Exception:
-                    proc.kill()
+            self.close()
 
 
-def _serve() -> None:
-    """A worker's loop: read (task, directory, fmt), draw it, answer ("ok", files) or
-    ("error", traceback). Results go to a private copy of stdout; anything a library prints
-    goes to stderr."""
+def _warm_up(modules: list[str]) -> None:
+    """Imports and one small figure drawn to nothing: the first figure of a process pays for
+    loading fonts and filling text caches, which changes no pixel of later ones."""
+    from matplotlib.figure import Figure
+
+    for module in modules:
+        importlib.import_module(module)
+    figure = Figure(figsize=(2.0, 1.5), layout="constrained")
+    axes = figure.subplots()
+    axes.bar([0, 1], [1.0, 2.0])
+    axes.set_xticks([0, 1], ["warm", "up"], rotation=70, ha="right", fontsize=7)
+    axes.set_title("warm-up", fontsize=10)
+    figure.savefig(io.BytesIO(), format="png", dpi=40)
+
+
+def _serve(warm: list[str], channels: list[tuple[int, int]]) -> None:
+    """The workers: warm up once, fork one process per further channel, then each reads
+    (task, directory, fmt) from its task pipe, draws it and answers ("ok", files) or ("error",
+    traceback) on its result pipe, until the task pipe closes. Anything a library prints goes
+    to stderr."""
     import pickle
-    import sys
     import traceback
 
-    results = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
+    try:
+        _warm_up(warm)
+    except Exception:  # a failed warm-up costs time, not figures: the tasks report real errors
+        pass
+    mine, forked = channels[0], []
+    for channel in channels[1:]:
+        pid = os.fork()
+        if pid == 0:
+            mine, forked = channel, []
+            break
+        forked.append(pid)
+    for channel in channels:  # only its own pipes: a dead worker's result pipe must reach EOF
+        if channel != mine:
+            for fd in channel:
+                os.close(fd)
+    tasks, results = os.fdopen(mine[0], "rb"), os.fdopen(mine[1], "wb")
     while True:
         try:
-            task, directory, fmt = pickle.load(sys.stdin.buffer)
+            task, directory, fmt = pickle.load(tasks)
         except EOFError:
-            return
+            break
         try:
             answer = ("ok", draw_task(task, directory, fmt))
         except BaseException:  # report any failure to the parent, which raises it
             answer = ("error", traceback.format_exc())
         pickle.dump(answer, results)
         results.flush()
+    if mine != channels[0]:
+        results.close()
+        os._exit(0)  # a forked worker: none of the first one's exit handlers
+    for pid in forked:
+        os.waitpid(pid, 0)

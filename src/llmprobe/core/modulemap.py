@@ -15,6 +15,7 @@ means different things in different places (``dense`` is the attention output un
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -170,18 +171,15 @@ def _linear_role(parents: tuple[str, ...], leaf: str) -> str:
 
 
 def _conv1d_class():
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # transformers moved or dropped it; fall back to the class name
-        return None
-    return Conv1D
-
-
-_CONV1D = _conv1d_class()
+    # Looked up, never imported: importing transformers costs ~2 s, and while it is not imported
+    # no module can be one of its Conv1D (the class-name test below still catches look-alikes).
+    utils = sys.modules.get("transformers.pytorch_utils")
+    return getattr(utils, "Conv1D", None)
 
 
 def _is_conv1d(module: nn.Module) -> bool:
-    if _CONV1D is not None and isinstance(module, _CONV1D):
+    conv1d = _conv1d_class()
+    if conv1d is not None and isinstance(module, conv1d):
         return True
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
 
@@ -341,6 +339,13 @@ class ModuleMap:
             else:
                 model = factory(config)
         return cls(model)
+
+    @classmethod
+    def from_structure(cls, structure: dict) -> ModuleMap:
+        """Map the meta-device skeleton that :func:`skeleton_model` rebuilds from a
+        :func:`model_structure` description: the same names, classes, shapes and roles as the
+        model it was taken from, without importing the model's library."""
+        return cls(skeleton_model(structure))
 
     # -- discovery helpers -------------------------------------------------------------------
 
@@ -591,3 +596,114 @@ def _class_for_config(config, trust_remote_code: bool):
     if causal or (trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})):
         return AutoModelForCausalLM
     return AutoModel
+
+
+# -- the structure of a model as data --------------------------------------------------------
+#
+# Building a model on the meta device needs its library (transformers: ~2-3 s of imports) for
+# a few milliseconds of work. Weight commands only read the module tree, so its structure is
+# kept as plain data (core/weightsource.py caches it per config) and a skeleton of plain
+# nn.Modules is rebuilt from it. The skeleton reproduces everything ModuleMap and the weight
+# commands read: module paths and order, class names and class identity (same-class blocks),
+# nn.Linear / nn.Embedding / nn.ModuleList kinds, Linear and Conv1D sizes, parameters and
+# buffers in registration order with shapes, dtypes and sharing (tied weights), the base-model
+# prefix and the output head. It holds no weights and runs no forward pass.
+
+STRUCTURE_FORMAT = 1
+_BASES = {"linear": nn.Linear, "embedding": nn.Embedding, "modulelist": nn.ModuleList, "module": nn.Module}
+
+
+def _base_kind(module: nn.Module) -> str:
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if isinstance(module, nn.ModuleList):
+        return "modulelist"
+    return "module"
+
+
+def _size_attributes(module: nn.Module) -> dict:
+    names = ("nf", "nx") if _is_conv1d(module) else ("in_features", "out_features", "num_embeddings",
+                                                     "embedding_dim")
+    return {name: int(getattr(module, name)) for name in names if isinstance(getattr(module, name, None), int)}
+
+
+def model_structure(model: nn.Module) -> dict:
+    """The module tree of ``model`` as JSON-able data (see the comment above); every module
+    appears once, at its first path, and later paths to the same module or tensor refer back."""
+    modules: list[dict] = []
+    module_paths: dict[int, str] = {}
+    tensor_paths: dict[int, str] = {}
+
+    def tensors(named, path: str) -> list[list]:
+        entries = []
+        for attr, tensor in named:
+            path_of_first = tensor_paths.setdefault(id(tensor), f"{path}.{attr}" if path else attr)
+            entries.append([attr, list(tensor.shape), str(tensor.dtype).removeprefix("torch."), path_of_first])
+        return entries
+
+    def visit(module: nn.Module, path: str) -> None:
+        if id(module) in module_paths:
+            modules.append({"path": path, "same_as": module_paths[id(module)]})
+            return
+        module_paths[id(module)] = path
+        kind = type(module)
+        modules.append({
+            "path": path, "class": kind.__name__, "class_id": f"{kind.__module__}.{kind.__qualname__}",
+            "base": _base_kind(module), "sizes": _size_attributes(module),
+            "parameters": tensors(module.named_parameters(recurse=False, remove_duplicate=False), path),
+            "buffers": tensors(module.named_buffers(recurse=False, remove_duplicate=False), path),
+        })
+        for name, child in module.named_children():
+            visit(child, f"{path}.{name}" if path else name)
+
+    visit(model, "")
+    head = output_head(model)
+    return {"format": STRUCTURE_FORMAT, "modules": modules,
+            "base_model_prefix": getattr(model, "base_model_prefix", "") or "",
+            "output_head": module_paths.get(id(head)) if head is not None else None}
+
+
+def skeleton_model(structure: dict) -> nn.Module:
+    """A meta-device module tree rebuilt from :func:`model_structure` (the comment above)."""
+    if structure.get("format") != STRUCTURE_FORMAT:
+        raise ValueError(f"module structure format {structure.get('format')!r}, expected {STRUCTURE_FORMAT}")
+    classes: dict[tuple[str, str], type] = {}
+    built: dict[str, nn.Module] = {}
+    shared: dict[str, torch.Tensor] = {}
+    head_path = structure.get("output_head")
+
+    def tensor(entry: list, parameter: bool) -> torch.Tensor:
+        _, shape, dtype, path_of_first = entry
+        if path_of_first not in shared:
+            empty = torch.empty(shape, dtype=getattr(torch, dtype), device="meta")
+            shared[path_of_first] = nn.Parameter(empty, requires_grad=False) if parameter else empty
+        return shared[path_of_first]
+
+    for entry in structure["modules"]:
+        path = entry["path"]
+        if "same_as" in entry:
+            module = built[entry["same_as"]]
+        else:
+            key = (entry["class_id"], entry["base"])
+            if key not in classes:
+                namespace = {"__module__": "llmprobe.skeleton", "__qualname__": entry["class"]}
+                if not path:  # the root: what ModuleMap asks a transformers model for
+                    namespace["base_model_prefix"] = structure.get("base_model_prefix", "")
+                    namespace["get_output_embeddings"] = (
+                        lambda self: self.get_submodule(head_path) if head_path is not None else None)
+                classes[key] = type(entry["class"], (_BASES[entry["base"]],), namespace)
+            module = classes[key].__new__(classes[key])
+            nn.Module.__init__(module)  # not the base's own __init__: it would allocate weights
+            for name, value in entry["sizes"].items():
+                setattr(module, name, value)
+            for item in entry["parameters"]:
+                module.register_parameter(item[0], tensor(item, parameter=True))
+            for item in entry["buffers"]:
+                module.register_buffer(item[0], tensor(item, parameter=False))
+            built[path] = module
+        if path:
+            parent, _, name = path.rpartition(".")
+            built[parent].add_module(name, module)
+    return built[""]

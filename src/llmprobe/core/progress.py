@@ -35,16 +35,28 @@ def set_quiet(quiet: bool) -> None:
 
 def silence_libraries() -> None:
     """transformers and huggingface_hub print their own tqdm bars and warnings; silence them
-    when ours are off (quiet, or output not a terminal)."""
-    try:
-        from huggingface_hub.utils import disable_progress_bars
-        from transformers.utils import logging as hf_logging
+    when ours are off (quiet, or output not a terminal). A library not imported yet is silenced
+    through the environment variables it reads when it is imported: importing transformers just
+    to silence it would cost a weight command ~2 s, and most never import it."""
+    if "huggingface_hub" in sys.modules:
+        try:
+            from huggingface_hub.utils import disable_progress_bars
 
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-        disable_progress_bars()
-    except Exception:  # pragma: no cover - both are always installed in practice
-        pass
+            disable_progress_bars()
+        except Exception:  # pragma: no cover - always importable once imported
+            pass
+    else:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "transformers" in sys.modules:
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+            hf_logging.set_verbosity_error()
+        except Exception:  # pragma: no cover - always importable once imported
+            pass
+    else:
+        os.environ["TRANSFORMERS_VERBOSITY"] = "error"
 
 
 def is_quiet() -> bool:

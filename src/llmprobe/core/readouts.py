@@ -45,8 +45,25 @@ def next_token_kl(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch
     """KL(reference ‖ other) of the next-token distributions at every position, shape [B, L], fp32
     softmax, computed from log-probabilities (no vocab-sized probability tensor is kept)."""
     ref = F.log_softmax(reference_logits.float(), dim=-1)
-    other = F.log_softmax(logits.float(), dim=-1)
-    return (ref.exp() * (ref - other)).sum(dim=-1)
+    return kl_from_logprobs(ref, F.log_softmax(logits.float(), dim=-1))
+
+
+def kl_from_logprobs(reference: torch.Tensor, other: torch.Tensor,
+                     reference_probs: torch.Tensor | None = None) -> torch.Tensor:
+    """``next_token_kl`` from log-probabilities the caller already has (``reference_probs``:
+    exp(reference), when kept); the same numbers. Σ p (log p − log q) term by term rather than
+    Σ p log p − Σ p log q: the difference of two sums of ~3 nats each would lose the KL of small
+    perturbations (1e-6 nats) to fp32 rounding."""
+    probs = reference.exp() if reference_probs is None else reference_probs
+    return (probs * (reference - other)).sum(dim=-1)
+
+
+def nll_from_logprobs(logprobs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``token_nll`` from the next-token log-probabilities ``log_softmax(logits[:, :-1])`` the
+    caller already has: the same numbers (cross-entropy is log-softmax then the target's entry),
+    without a second log-softmax over the vocabulary."""
+    targets = ids[:, 1:].to(logprobs.device).expand(logprobs.shape[0], -1)
+    return -logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
 def top1_agreement(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

@@ -97,15 +97,62 @@ class WeightSource:
         for name in (self.names() if names is None else names):
             yield name, self.get(name)
 
+    def config_file(self) -> Path | None:
+        """The ``config.json`` beside the weights, when there is one."""
+        return None
+
     @cached_property
     def module_map(self):
-        """The module map of this checkpoint's architecture, built on the meta device (no memory)."""
+        """The module map of this checkpoint's architecture, built on the meta device (no memory).
+
+        A checkpoint with a ``config.json`` (and no remote code, which may change under the
+        same config) is mapped from its structure as cached by the first run on the same config
+        with the same transformers and torch (:func:`~llmprobe.core.modulemap.model_structure`):
+        the same map, without importing transformers (~2-3 s of every weight command)."""
         from .modulemap import ModuleMap
 
         if isinstance(self, ModelWeights):
             return ModuleMap(self.model)
         trust = bool(self.source and self.source.trust_remote_code)
-        return ModuleMap.from_config(self.config(), trust_remote_code=trust)
+        config_file = self.config_file()
+        if trust or config_file is None:
+            return ModuleMap.from_config(self.config(), trust_remote_code=trust)
+        return _cached_structure_map(config_file, self.config)
+
+
+def _structure_file(config_file: Path) -> Path:
+    import hashlib
+    from importlib.metadata import PackageNotFoundError, version
+
+    from .modulemap import STRUCTURE_FORMAT
+
+    try:
+        transformers_version = version("transformers")
+    except PackageNotFoundError:  # pragma: no cover - a dependency
+        transformers_version = "?"
+    # The model class comes from the config and the installed transformers; torch builds it.
+    digest = hashlib.sha256(config_file.read_bytes())
+    digest.update(f"|{transformers_version}|{torch.__version__}|{STRUCTURE_FORMAT}".encode())
+    return cache_root() / "module-structures" / f"{digest.hexdigest()[:32]}.json"
+
+
+def _cached_structure_map(config_file: Path, load):
+    """The module map from the cached structure for ``config_file``; on a miss (or an unreadable
+    cache entry) from ``load()``'s config through transformers, and the structure is kept."""
+    from .files import atomic_write_text
+    from .modulemap import ModuleMap, model_structure
+
+    kept = _structure_file(config_file)
+    try:
+        return ModuleMap.from_structure(json.loads(kept.read_text()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # absent, or written by something else: rebuild it
+    module_map = ModuleMap.from_config(load())
+    try:
+        atomic_write_text(kept, json.dumps(model_structure(module_map.model)))
+    except OSError:  # a read-only cache still works; the next run builds the map again
+        pass
+    return module_map
 
 
 def no_match_error(regex: str | None, names: list[str], what: str = "tensor") -> LLMProbeError:
@@ -226,6 +273,10 @@ class SafetensorsSource(WeightSource):
                 return handle.get_tensor(name)
         except Exception as exc:
             raise LLMProbeError(f"cannot read tensor {name} from {file}: {exc}") from None
+
+    def config_file(self) -> Path | None:
+        path = self.directory / "config.json"
+        return path if path.is_file() else None
 
     def config(self):
         if (self.directory / "config.json").is_file():

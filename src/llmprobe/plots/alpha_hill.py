@@ -286,11 +286,22 @@ def _frozen_bar_figure(count: int, precisions: Sequence[str], alpha_label: str, 
     if len(axes) > 1:
         axes[1].set_ylim(-1.5e-5, 1.5e-5)  # sci-notation offset text laid out like the real ones
     figure.draw_without_rendering()  # constrained layout runs here, once, against the widest labels
-    figure.set_layout_engine("none")
+    _freeze_layout(figure)
     containers = list(axes[0].containers)
     delta_containers = list(axes[1].containers) if len(axes) > 1 else []
     step = max(1, math.ceil(count / MAX_TICK_LABELS))
     return figure, axes, containers, delta_containers, step
+
+
+def _freeze_layout(figure: Figure) -> None:
+    """Keep the positions the layout engine found and drop the engine itself. ``"none"`` would
+    leave a placeholder engine behind, and savefig runs a full layout draw before the real one
+    whenever a figure has any engine: twice the drawing per save."""
+    import matplotlib
+
+    # None means "the rc default", so make that default no engine.
+    with matplotlib.rc_context({"figure.autolayout": False, "figure.constrained_layout.use": False}):
+        figure.set_layout_engine(None)
 
 
 def _update_bars(axes: list, containers: list, delta_containers: list, rows: Sequence[dict],

@@ -37,8 +37,9 @@ from ...core.interventions import Patch, forward_hooks, patched_weights
 from ...core.loading import LoadedModel
 from ...core.modulemap import ModuleMap
 from ...core.records import Record
+from ...core.reference import Reference, block_output
 from .common import Tables, check_positive, make_reference, model_name, select_sites
-from .readout import ReadoutColumns, Reference, _block_output, spearman
+from .readout import ReadoutColumns, spearman
 
 MODES = ("zero", "mean")
 GRANULARITIES = ("matrix", "layer", "block")
@@ -170,9 +171,13 @@ def ablation(lm: LoadedModel, windows: Sequence[torch.Tensor], *, mode: str = "z
         raise LLMProbeError(f"--span {span} is larger than the model's {mmap.num_layers} blocks")
     targets = ablation_targets(mmap, granularity, mode, roles, layers, regex)
     ref = reference or make_reference(model, windows, prefix_cache=prefix_cache)
+    # Targets of one block are read out together: each reruns its block, the blocks after it
+    # run once for all of them (Reference.evaluate_many / evaluate_in_block).
+    readouts = ref.evaluate_many([(_modification(model, target[3], mode), target[2]) for target in targets],
+                                 description="ablation")
     rows: list[AblationTarget] = []
-    for name, role, layer, kind, parameters, matrices in targets:
-        readout = ref.evaluate(_modification(model, kind, mode), layer)
+    for index, (name, role, layer, _kind, parameters, matrices) in enumerate(targets):
+        readout = readouts[index]
         rows.append(AblationTarget(rank=0, target=name, granularity=granularity,
                                    mode="skip" if granularity == "block" else mode, layer=layer, role=role,
                                    matrices=matrices, parameters=parameters, **readout.fields(ref)))
@@ -223,7 +228,7 @@ def block_similarity(model: torch.nn.Module, windows: Sequence[torch.Tensor], *,
 
         def post(_m, _args, _kwargs, output, index, states=states):
             if index == n - 1:
-                states[n] = _block_output(output).detach()
+                states[n] = block_output(output).detach()
 
         pre_hooks = [(names[id(b)], lambda m, a, k, i=i: pre(m, a, k, i)) for i, b in enumerate(blocks)]
         post_hooks = [(names[id(blocks[-1])], lambda m, a, k, o: post(m, a, k, o, n - 1))]

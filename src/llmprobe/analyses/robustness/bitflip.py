@@ -25,8 +25,9 @@ from ...core.errors import LLMProbeError
 from ...core.interventions import BIT_LAYOUT, Patch, bit_role, patched_weights
 from ...core.loading import LoadedModel
 from ...core.records import Record
+from ...core.reference import Reference
 from .common import Tables, check_positive, make_reference, model_name, select_sites
-from .readout import ReadoutColumns, Reference
+from .readout import ReadoutColumns
 
 
 class BitFlip(ReadoutColumns):
@@ -135,17 +136,23 @@ def bit_flip(lm: LoadedModel, windows: Sequence[torch.Tensor], *, targets: Seque
             chosen.extend((site, row, col, bit) for site, row, col in random_coordinates(sites, count, generator))
     ref = reference or make_reference(model, windows, prefix_cache=prefix_cache)
     params = dict(model.named_parameters())
-    flips: list[BitFlip] = []
+    patches, values = [], []
     for site, row, col, bit in chosen:
         name, index = _element(site, row, col)
         weight = params[name]
-        dtype = weight.dtype
-        bit_role(dtype, bit)
+        bit_role(weight.dtype, bit)
         patch = Patch(name, "flip_bit", index, bit)
         before = float(weight.data[index])
         with patched_weights(model, [patch]):
             after = float(weight.data[index])
-        readout = ref.evaluate(lambda patch=patch: patched_weights(model, [patch]), site.layer)
+        patches.append(patch)
+        values.append((before, after, weight.dtype))
+    # flips in one block are read out together (Reference.evaluate_many)
+    readouts = ref.evaluate_many([(lambda patch=patch: patched_weights(model, [patch]), site.layer)
+                                  for patch, (site, _r, _c, _b) in zip(patches, chosen)],
+                                 description="bit flips")
+    flips: list[BitFlip] = []
+    for (site, row, col, bit), (before, after, dtype), readout in zip(chosen, values, readouts):
         flips.append(BitFlip(target=site.name, layer=site.layer, role=site.role, weight_row=row, weight_col=col, bit=bit,
                              bit_role=bit_role(dtype, bit), dtype=str(dtype).replace("torch.", ""),
                              value_before=before, value_after=after, **readout.fields(ref)))

@@ -10,7 +10,7 @@ from ...core.errors import LLMProbeError
 from ...core.loading import LoadedModel
 from ...core.modulemap import LinearSite, ModuleMap
 from ...core.records import Record
-from .readout import Reference
+from ...core.reference import Reference
 
 Tables = dict[str, list[Record]]
 

@@ -7,13 +7,13 @@ import torch
 from ...core.data import eval_windows
 from ...core.errors import LLMProbeError
 from ...core.modulemap import ModuleMap
+from ...core.reference import Reference
 from . import ablation as ablation_mod
 from . import adversarial as adversarial_mod
 from . import bitflip as bitflip_mod
 from . import noise as noise_mod
 from . import superweights as superweights_mod
 from .common import select_sites
-from .readout import Reference
 
 
 def _result(tables, **manifest):

@@ -25,8 +25,9 @@ from ...core.errors import LLMProbeError
 from ...core.interventions import Patch, patched_weights
 from ...core.loading import LoadedModel
 from ...core.records import Record
+from ...core.reference import Reference
 from .common import Tables, check_positive, make_reference, model_name, select_sites
-from .readout import ReadoutColumns, Reference
+from .readout import ReadoutColumns
 
 DISTRIBUTIONS = ("gaussian", "uniform")
 

@@ -38,8 +38,9 @@ from ...core.interventions import Patch, forward_hooks, patched_weights
 from ...core.loading import LoadedModel
 from ...core.modulemap import LinearSite, ModuleMap
 from ...core.records import Record
+from ...core.reference import Reference, block_output
 from .common import Tables, check_positive, make_reference, model_name
-from .readout import ReadoutColumns, Reference, _block_output
+from .readout import ReadoutColumns
 
 DEFAULT_TEXT = "Apple Inc. is a worldwide tech company."
 DOWN_ROLES = ("mlp.down", "mlp.fc2")
@@ -148,7 +149,7 @@ def scan(model: torch.nn.Module, inputs: Sequence[torch.Tensor], sites: Sequence
 
     def block_hook(index):
         def hook(_module, _args, output):
-            residual[index] = _merge(residual[index], _peak(_block_output(output)))
+            residual[index] = _merge(residual[index], _peak(block_output(output)))
         return hook
 
     hooks = [(s.name, site_hook(s.name)) for s in sites]
@@ -324,7 +325,7 @@ def _channel_max(model, inputs, mmap: ModuleMap, channel: int, from_layer: int, 
 
     def hook(_m, _a, output):
         nonlocal best
-        value = float(_block_output(output)[..., channel].abs().max())
+        value = float(block_output(output)[..., channel].abs().max())
         best = value if math.isnan(value) else max(best, value)
 
     hooks = [(names[id(b)], hook) for b in mmap.blocks[from_layer:]]
