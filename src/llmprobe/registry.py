@@ -138,7 +138,7 @@ def declared_groups() -> list[DeclaredGroup]:
     start-up). A module without such a literal call is imported and asked instead.
     """
     if _loaded["catalog"]:
-        return [DeclaredGroup(g.name, g.help, None) for g in _GROUPS.values()]
+        return [DeclaredGroup(g.name, g.help, None) for g in groups().values()]
     import ast
 
     from . import catalog
