@@ -339,6 +339,19 @@ def test_block_batched_sweep_equals_naive_sweep(model, windows, granularity):
     assert [r.kl for r in many] == pytest.approx([r.kl for r in expected], abs=1e-5)
 
 
+def test_block_batched_sweep_with_recomputed_reference_equals_naive(model, windows):
+    """No logit cache (reference recomputed from the head once per window): the batched sweep
+    still equals full forwards per target."""
+    ref = Reference(model, windows, logits_cache_mb=0.0)
+    assert ref.reference_logits_mode == "head" and ref.batch_ok
+    targets = ablation.ablation_targets(ref.mmap, "matrix", "zero", None, None, None)
+    many = ref.evaluate_many([(ablation._modification(model, t[3], "zero"), t[2]) for t in targets])
+    for target, fast in zip(targets, many):
+        slow = ref.evaluate(ablation._modification(model, target[3], "zero"), target[2], use_prefix=False)
+        assert abs(fast.mean_nll - slow.mean_nll) < 1e-5 and abs(fast.kl - slow.kl) < 1e-5, target[0]
+        assert fast.top1 == slow.top1
+
+
 def test_prefix_cache_falls_back_when_over_budget(model, windows):
     ref = Reference(model, windows, cache_budget_mb=0.0)
     assert not ref.prefix_ok and ref.block_inputs == []

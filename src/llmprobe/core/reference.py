@@ -306,20 +306,26 @@ class Reference:
                 return self._forward_from(window, first_layer)
             return self.model(input_ids=self.windows[window], use_cache=False).logits
 
-    def _score(self, window: int, logits: torch.Tensor) -> tuple[list[float], list[float], list[float], int]:
+    def _reference_side(self, window: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """The unmodified model's log-probabilities, probabilities (None: not kept) and argmax at
+        the predicting positions of window ``window``: kept from the clean run, or recomputed
+        (head or full forward, so never inside a modification's context)."""
+        if self.cached_logits is not None:
+            return (self.cached_logits[window][:, :-1], self.cached_probs[window][:, :-1],
+                    self.cached_top1[window][:, :-1])
+        reference = self.reference_logits(window)[:, :-1]
+        return torch.log_softmax(reference.float(), dim=-1), None, reference.argmax(dim=-1)
+
+    def _score(self, window: int, logits: torch.Tensor, reference: tuple | None = None
+               ) -> tuple[list[float], list[float], list[float], int]:
         """Per row of ``logits`` [K, L, V] (K modified models on window ``window``): the summed
-        NLL, KL to the reference and top-1 agreement over the positions 0 … L−2."""
+        NLL, KL to the reference and top-1 agreement over the positions 0 … L−2. ``reference``:
+        the window's :meth:`_reference_side` when the caller scores several rows of it."""
         ids = self.windows[window]
         # one log-softmax of the modified logits serves the loss and the KL
         other_lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
         per_token = nll_from_logprobs(other_lp, ids)
-        if self.cached_logits is not None:
-            # the reference side (log-probabilities, probabilities, argmax) from the clean run
-            ref_lp, ref_p = self.cached_logits[window][:, :-1], self.cached_probs[window][:, :-1]
-            ref_top = self.cached_top1[window][:, :-1]
-        else:
-            reference = self.reference_logits(window)[:, :-1]
-            ref_lp, ref_p, ref_top = torch.log_softmax(reference.float(), dim=-1), None, reference.argmax(dim=-1)
+        ref_lp, ref_p, ref_top = reference if reference is not None else self._reference_side(window)
         kl = kl_from_logprobs(ref_lp, other_lp, ref_p)
         agree = (ref_top == logits[:, :-1].argmax(dim=-1)).float()
         return (per_token.double().sum(dim=1).tolist(), kl.double().sum(dim=1).tolist(),
@@ -369,10 +375,12 @@ class Reference:
                 length = hidden.shape[1]
                 rows = max(1, min(int(self.logits_chunk_mb * 2**20 // (length * vocab * 4)),
                                   self.HEAD_TOKENS // length))
+                reference = self._reference_side(window)   # once per window, not per target
                 for first in range(0, hidden.shape[0], rows):
                     logits = self.head(hidden[first:first + rows])
                     for offset in range(logits.shape[0]):
-                        readouts[first + offset].add(*self._score(window, logits[offset:offset + 1]), row=0)
+                        scores = self._score(window, logits[offset:offset + 1], reference)
+                        readouts[first + offset].add(*scores, row=0)
         return readouts
 
     def evaluate_many(self, targets: Sequence[tuple[Modification, int | None]],

@@ -277,8 +277,8 @@ def singular_values(
     Returns ``(sigma, method_used)``: ``sigma`` descending, fp64, on the CPU, ``min(W.shape)``
     long; ``method_used`` is ``"gram"`` or ``"svd"`` (``"+cpu"`` appended after a CUDA OOM
     fallback), or ``"non-finite"`` with an all-NaN ``sigma`` when ``W`` holds NaN/inf (nothing
-    is decomposed; the estimators then return NaN with a reason). ``dtype`` (fp64/fp32) is the arithmetic precision; ``method``/``need_small`` follow
-    the guard rule in the module docstring.
+    is decomposed; the estimators then return NaN with a reason). ``dtype`` (fp64/fp32) is the
+    arithmetic precision; ``method``/``need_small`` follow the guard rule in the module docstring.
     """
     W = _check_matrix(W)
     return _single(W, _resolve_dtype(dtype), _resolve_device(device), _check_method(method), need_small)
