@@ -331,8 +331,10 @@ def _same_table(one: Path, two: Path) -> None:
                 assert u == v, (one.name, column, u, v)
 
 
-# Tables whose rows are concatenations or per-item results: equal bit for bit.
-EXACT = ("magnitude_", "perplexity", "precision_", "weight_", "transformer_matrix", "quant_error_summary")
+# Tables whose rows are concatenations or per-item results: equal bit for bit. (quant_error
+# tables hold sums of per-token fp64 errors over windows: rank order changes their last bits,
+# checked to 1e-12 above.)
+EXACT = ("magnitude_", "perplexity", "precision_", "weight_", "transformer_matrix")
 
 
 @pytest.mark.slow

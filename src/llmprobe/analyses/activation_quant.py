@@ -51,6 +51,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..core import kernels
 from ..core.calibration import Calibration
 from ..core.collect import Batch, Site, collect, sites_for_key
 from ..core.errors import LLMProbeError
@@ -112,11 +113,15 @@ class QuantSpec:
                         symmetric=self.symmetric)
 
     def row_squared_error(self, batch: Batch) -> torch.Tensor:
-        """[T] fp32: Σ over each token's features of (x − Q(x))², summed in fp32 over one
-        token's F values (PyTorch's cascade sum: relative error ~1e-7)."""
+        """[T]: Σ over each token's features of (x − Q(x))²; per-token int on a compiled batch in
+        one pass summed in fp64, otherwise summed in fp32 over one token's F values (PyTorch's
+        cascade sum: relative error ~1e-7)."""
         x = batch.x
+        per_token_int = self.fmt.startswith("int") and self.granularity == "per-token" and self.symmetric
+        if per_token_int and batch.compiled:  # one pass, fp64 sums (core.kernels)
+            return torch.from_numpy(kernels.int_error_row_sse(x, int(self.fmt[3:]), batch.row_abs_max()))
         error = batch.scratch("quant error")
-        if self.fmt.startswith("int") and self.granularity == "per-token" and self.symmetric:
+        if per_token_int:
             # The common case, fused: per-token max|x| is shared with the other collectors.
             symmetric_int_error_per_token(x, int(self.fmt[3:]), batch.row_abs_max(), out=error)
         else:
@@ -343,7 +348,7 @@ class _QuantErrorCollector:
             return
         # Per-token sums in fp32 (F terms each), folded into fp64 totals.
         row_error = batch.derived(("quant row sse", self.spec), self.spec.row_squared_error).to(torch.float64)
-        row_signal = batch.derived("row sum sq", lambda b: b.square().sum(dim=1)).to(torch.float64)
+        row_signal = batch.row_sum_sq()
         self.sse[key] = self.sse.get(key, 0.0) + float(row_error.sum())
         self.signal[key] = self.signal.get(key, 0.0) + float(row_signal.sum())
         self.tokens[key] = self.tokens.get(key, 0) + int(x.shape[0])

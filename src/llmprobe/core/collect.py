@@ -19,15 +19,17 @@ under their shared ``input_group`` key; everything else is keyed by module name.
 from __future__ import annotations
 
 import ctypes
+import math
 import re
 import sys
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+import numpy as np
 import torch
 
-from . import distributed, progress
+from . import distributed, kernels, progress
 from .errors import LLMProbeError
 from .modulemap import LinearSite, ModuleMap
 from .readouts import window_mean_loss
@@ -99,6 +101,66 @@ class Batch:
     def square(self) -> torch.Tensor:
         """[T, F] fp32 x² (a workspace matrix: valid for this batch only)."""
         return self.derived("square", lambda b: torch.mul(b.x, b.x, out=b.scratch("square")))
+
+    @property
+    def compiled(self) -> bool:
+        """True where the one-pass CPU kernels of :mod:`llmprobe.core.kernels` serve this batch
+        (fp32 rows on the CPU, numba importable); elsewhere the torch ops do."""
+        return kernels.AVAILABLE and self.x.device.type == "cpu" and self.x.dtype == torch.float32
+
+    def window_rows(self) -> list[tuple[int, slice]]:
+        """(window, its rows) for each window of the batch, in order."""
+        return self.derived("window rows", _window_rows)
+
+    def power_sums(self) -> PowerSums:
+        """Compiled batches only: the one-pass sums of :func:`llmprobe.core.kernels.activation_sums`
+        with each window's rows shifted by that window's mean (to fp32 rounding)."""
+        return self.derived("power sums", _power_sums)
+
+    def row_sum_sq(self) -> torch.Tensor:
+        """[T] fp64 Σx² over each token's features: summed in fp64 on compiled batches, else
+        fp32 squares summed in fp32 over one row (relative error ~1e-7)."""
+        if self.compiled:
+            return torch.from_numpy(self.power_sums().rows[:, 4])
+        return self.derived("row sum sq", lambda b: b.square().sum(dim=1).to(torch.float64))
+
+    def channel_sum_sq(self) -> torch.Tensor:
+        """[F] fp64 Σx² over the batch's tokens: summed in fp64 on compiled batches, else fp32
+        squares summed in fp32 over the batch's rows (relative error ~1e-7) and widened."""
+        if self.compiled:
+            return torch.from_numpy(self.power_sums().column_sum_sq)
+        return self.derived("channel sum sq", lambda b: b.square().sum(dim=0).to(torch.float64))
+
+
+@dataclass
+class PowerSums:
+    rows: np.ndarray            # [T, 5] fp64: Σd, Σd², Σd³, Σd⁴ (d = x − window shift), Σx²
+    window_shifts: list[float]  # one per window, in Batch.window_rows order
+    column_sum_sq: np.ndarray   # [F] fp64 Σx²
+
+
+def _window_rows(batch: Batch) -> list[tuple[int, slice]]:
+    window_ids, counts = torch.unique_consecutive(batch.window, return_counts=True)
+    rows, start = [], 0
+    for window, count in zip(window_ids.tolist(), counts.tolist()):
+        rows.append((window, slice(start, start + count)))
+        start += count
+    return rows
+
+
+def _power_sums(batch: Batch) -> PowerSums:
+    shifts, row_shift = [], np.empty(batch.x.shape[0], dtype=np.float64)
+    for _, rows in batch.window_rows():
+        part = batch.x[rows]
+        count = max(1, part.numel())
+        shift = float(part.sum()) / count  # fp32: only needs to be near the mean
+        if not math.isfinite(shift):  # an fp32 overflow, or NaN/inf values (then the sums say so)
+            shift = float(part.sum(dtype=torch.float64)) / count
+            shift = shift if math.isfinite(shift) else 0.0
+        shifts.append(shift)
+        row_shift[rows] = shift
+    rows, columns = kernels.activation_sums(batch.x, row_shift)
+    return PowerSums(rows, shifts, columns)
 
 
 class Collector(Protocol):
@@ -401,18 +463,13 @@ def collect(lm_model: torch.nn.Module, mmap: ModuleMap, sites: Sequence[LinearSi
             g = None if g is None else rotate(g)
         batch = Batch(x=x, token_ids=state["ids"], window=state["window"], position=state["position"], grad=g,
                       workspace=workspace)
-        # The collectors run dozens of small ops per hook call: split over threads, each waits
-        # at a barrier for every thread, and on a machine whose cores are also busy elsewhere
-        # one descheduled thread stalls them all (measured on the 2-core VM at load ~1.5: the
-        # shared pass 2.5× a bare forward with 2 threads, 1.03× with 1). The forward keeps
-        # every thread; the collectors' work runs on one.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            for collector in collectors:
-                collector.update(key, batch)
-        finally:
-            torch.set_num_threads(threads)
+        # The collectors run on the forward's own threads. Dropping to one thread around them
+        # (tried: it helps on a machine whose cores are busy elsewhere) costs more than it saves
+        # on a quiet one: each change of the thread count makes the forward's next parallel
+        # region rebuild its thread team (measured, 8 × 256 tokens on the 2-core VM, 4 rounds
+        # interleaved: shared pass 1.57× a bare forward with the switch, 1.42× without).
+        for collector in collectors:
+            collector.update(key, batch)
 
     handles = []
 

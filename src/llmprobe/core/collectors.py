@@ -14,9 +14,11 @@ and key, kept as compact CPU tensors).
   the excess kurtosis of the token's feature vector), with the token's id, window and position.
 
 Numerics. Raw power sums Σx⁴ − 4μΣx³ + ... cancel catastrophically when |mean| ≫ std (a model
-with a large constant channel offset does exactly that). So every batch is first reduced to
-exact central moments around its own fp64 mean, and pieces are combined with the pairwise
-update of Chan et al. / Pébay (2008), which never subtracts large raw sums.
+with a large constant channel offset does exactly that). So every window of a batch is first
+reduced to exact central moments — from power sums about a shift within fp32 rounding of its
+mean (the compiled CPU pass, :meth:`Batch.power_sums`), or around each piece's own fp64 mean
+(torch ops, on other devices) — and these are combined with the pairwise update of Chan et al.
+/ Pébay (2008), which never subtracts large raw sums.
 """
 
 from __future__ import annotations
@@ -122,8 +124,9 @@ _MOMENT_PIECE = 1 << 16
 
 
 def _exact_moments(x: torch.Tensor, workspace: Workspace) -> Moments:
-    """Exact central moments of all values of ``x``: each piece of ``_MOMENT_PIECE`` values is
-    copied to fp64 and centred on its own fp64 mean, and the pieces are merged pairwise."""
+    """Exact central moments of all values of ``x`` with torch ops (any device): each piece of
+    ``_MOMENT_PIECE`` values is copied to fp64 and centred on its own fp64 mean, and the pieces
+    are merged pairwise."""
     values = x.reshape(-1)
     piece = min(_MOMENT_PIECE, values.numel())
     # Row 0: the centred values c, row 1: c². One product of this [2, n] matrix with its own
@@ -144,17 +147,36 @@ def _exact_moments(x: torch.Tensor, workspace: Workspace) -> Moments:
     return total
 
 
+def moments_from_power_sums(n: float, shift: float, s1: float, s2: float, s3: float, s4: float) -> Moments:
+    """Central moments from the power sums S_k = Σ dᵏ of d = x − shift, by the binomial shift to
+    the exact mean shift + δ, δ = S₁/n: M₂ = S₂ − nδ², M₃ = S₃ − 3δS₂ + 2nδ³,
+    M₄ = S₄ − 4δS₃ + 6δ²S₂ − 3nδ⁴. Exact to fp64 rounding when the shift is near the mean (δ
+    tiny next to the spread, so nothing cancels), as :meth:`Batch.power_sums` makes it."""
+    delta = s1 / n
+    m2 = s2 - n * delta * delta
+    m3 = s3 - 3.0 * delta * s2 + 2.0 * n * delta ** 3
+    m4 = s4 - 4.0 * delta * s3 + 6.0 * delta * delta * s2 - 3.0 * n * delta ** 4
+    return Moments(float(n), shift + delta, m2, m3, m4)
+
+
 def window_moments(batch: Batch) -> list[tuple[int, Moments, float]]:
     """(window, exact central moments of its values, its max|x|) for each window of the batch.
     Rows of a window are contiguous (the Batch contract); were a window split, its pieces would
-    still merge exactly in the collector. Computed once per batch (``batch.derived``)."""
-    window_ids, counts = torch.unique_consecutive(batch.window, return_counts=True)
+    still merge exactly in the collector. Computed once per batch (``batch.derived``): on a
+    compiled batch from the one-pass per-row power sums, else with torch ops."""
     row_abs_max = batch.row_abs_max()
-    pieces, start = [], 0
-    for window, count in zip(window_ids.tolist(), counts.tolist()):
-        rows = slice(start, start + count)
-        pieces.append((window, _exact_moments(batch.x[rows], batch.workspace), float(row_abs_max[rows].max())))
-        start += count
+    sums = batch.power_sums() if batch.compiled else None
+    pieces = []
+    for index, (window, rows) in enumerate(batch.window_rows()):
+        moments = None
+        if sums is not None:
+            window_sums = sums.rows[rows, :4].sum(axis=0)
+            if np.isfinite(window_sums).all():
+                moments = moments_from_power_sums(float(batch.x[rows].numel()), sums.window_shifts[index],
+                                                  *window_sums.tolist())
+        if moments is None:  # another device, or NaN/inf values (whose mean the torch path keeps)
+            moments = _exact_moments(batch.x[rows], batch.workspace)
+        pieces.append((window, moments, float(row_abs_max[rows].max())))
     return pieces
 
 
@@ -288,13 +310,6 @@ class ChannelSummary:
     abs_max: torch.Tensor     # [F] fp32 max|x| (SmoothQuant's activation scales)
 
 
-def channel_sum_sq(batch: Batch) -> torch.Tensor:
-    """[F] fp64 Σx² over the batch's tokens: fp32 squares summed in fp32 over the batch's rows
-    (PyTorch's cascade summation: relative error ~1e-7, far below the 1e-5 the tests allow),
-    then folded into the caller's fp64 totals, so the error does not grow with windows."""
-    return batch.square().sum(dim=0).to(torch.float64)
-
-
 class ChannelCollector:
     """Per feature: Σx² in fp64 and max|x|. State is O(features) per key."""
 
@@ -313,7 +328,7 @@ class ChannelCollector:
         if x.shape[0] == 0:
             return
         self._count[key] += x.shape[0]
-        self._sum_sq[key] += batch.derived("channel sum sq", channel_sum_sq)
+        self._sum_sq[key] += batch.channel_sum_sq()
         torch.maximum(self._abs_max[key], batch.derived("channel abs max", lambda b: b.abs().amax(dim=0)),
                       out=self._abs_max[key])
 

@@ -1,0 +1,123 @@
+"""The one-pass CPU kernels (core/kernels.py) against plain references, and the collectors'
+compiled path against their torch path."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+from llmprobe.analyses.activation_quant import QuantSpec, _QuantErrorCollector
+from llmprobe.core import kernels
+from llmprobe.core.collect import Batch, Workspace
+from llmprobe.core.collectors import ChannelCollector, MomentCollector
+from llmprobe.core.quant import fake_quant_int
+
+pytestmark = pytest.mark.skipif(not kernels.AVAILABLE, reason="numba is not installed")
+
+
+def _activation(rows: int, features: int, offset: float = 0.0, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    # heavy-tailed, like real activations, with a constant offset to test the shift
+    return (torch.randn(rows, features, generator=generator) ** 3 * 0.7 + offset).float()
+
+
+@pytest.mark.parametrize("offset", [0.0, 2.5, 3e4])
+@pytest.mark.parametrize("features", [1, 7, 64, 193])
+def test_activation_sums_match_a_plain_fp64_loop(offset, features):
+    x = _activation(9, features, offset)
+    shifts = np.linspace(offset - 1.0, offset + 1.0, 9)
+    rows, columns = kernels.activation_sums(x, shifts)
+    values = x.double().numpy()
+    for row in range(9):
+        d = values[row] - shifts[row]
+        expected = [d.sum(), (d ** 2).sum(), (d ** 3).sum(), (d ** 4).sum(), (values[row] ** 2).sum()]
+        np.testing.assert_allclose(rows[row], expected, rtol=1e-12, atol=1e-12 * np.abs(d).max() ** 4)
+    np.testing.assert_allclose(columns, (values ** 2).sum(axis=0), rtol=1e-13)
+
+
+def test_compiled_kernels_equal_their_python_source():
+    x = _activation(5, 33, 1.0)
+    shifts = np.full(5, 1.0)
+    compiled_rows, compiled_columns = kernels.activation_sums(x, shifts)
+    plain_rows, plain_columns = kernels._activation_sums(x.numpy(), shifts)
+    np.testing.assert_allclose(compiled_rows, plain_rows, rtol=1e-13)
+    np.testing.assert_allclose(compiled_columns, plain_columns, rtol=1e-13)
+    absmax = x.abs().amax(dim=1)
+    np.testing.assert_allclose(kernels.int_error_row_sse(x, 4, absmax),
+                               kernels._int_error_row_sse(x.numpy(), absmax.numpy(), np.float32(7.0)), rtol=1e-13)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_int_error_row_sse_matches_fake_quant_int(bits):
+    x = _activation(12, 50, seed=bits)
+    x[3] = 0.0  # an all-zero row: quantizes to itself
+    x[5, 7] = float("nan")
+    x[6, 2] = float("inf")
+    got = kernels.int_error_row_sse(x, bits, x.abs().amax(dim=1))
+    error = (fake_quant_int(x, bits, granularity="per-token") - x).double().numpy()
+    expected = (error ** 2).sum(axis=1)  # the same fp32 errors, squared and summed in fp64
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+    assert got[3] == 0.0 and math.isnan(got[5]) and math.isnan(got[6])
+
+
+def test_kernels_refuse_what_they_were_not_written_for():
+    with pytest.raises(ValueError, match="fp32"):
+        kernels.activation_sums(torch.zeros(2, 3, dtype=torch.float64), np.zeros(2))
+    with pytest.raises(ValueError, match="2-D"):
+        kernels.activation_sums(torch.zeros(6), np.zeros(6))
+
+
+def _batch(x: torch.Tensor, windows: list[int]) -> Batch:
+    window = torch.tensor(windows)
+    return Batch(x=x, token_ids=torch.arange(len(windows)), window=window,
+                 position=torch.arange(len(windows)), workspace=Workspace())
+
+
+def _collect(x: torch.Tensor, windows: list[int]):
+    moments, channels = MomentCollector(), ChannelCollector()
+    quant = _QuantErrorCollector(QuantSpec("int4", "per-token"))
+    for collector in (moments, channels, quant):
+        collector.update("key", _batch(x, windows))
+    return moments.result("key"), channels.result("key"), quant
+
+
+def test_compiled_and_torch_paths_agree_and_match_scipy(monkeypatch):
+    # two windows with very different means in one batch: each is shifted by its own mean
+    x = torch.cat([_activation(6, 40, 0.0, seed=1), _activation(5, 40, 5e3, seed=2)])
+    windows = [0] * 6 + [1] * 5
+    fast = _collect(x, windows)
+    monkeypatch.setattr(kernels, "AVAILABLE", False)
+    slow = _collect(x, windows)
+    values = x.double().numpy()
+    for result in (fast, slow):
+        moments, channels, quant = result
+        assert moments.kurtosis_pooled == pytest.approx(scipy.stats.kurtosis(values.ravel(), bias=True), rel=1e-9)
+        per_window = [scipy.stats.kurtosis(values[:6].ravel(), bias=True),
+                      scipy.stats.kurtosis(values[6:].ravel(), bias=True)]
+        assert moments.kurtosis_window_mean == pytest.approx(np.mean(per_window), rel=1e-9)
+        assert moments.skewness == pytest.approx(scipy.stats.skew(values.ravel()), rel=1e-9)
+        assert moments.mean == pytest.approx(values.mean(), rel=1e-12)
+        np.testing.assert_allclose(channels.sum_sq.numpy(), (values ** 2).sum(axis=0), rtol=1e-6)
+        assert quant.signal["key"] == pytest.approx((values ** 2).sum(), rel=1e-6)
+        error = (fake_quant_int(x, 4, granularity="per-token") - x).double().numpy()
+        assert quant.sse["key"] == pytest.approx((error ** 2).sum(), rel=1e-6)
+    assert fast[0].abs_max == slow[0].abs_max
+    assert torch.equal(fast[1].abs_max, slow[1].abs_max)
+
+
+def test_compiled_path_keeps_nan_and_inf_semantics(monkeypatch):
+    x = _activation(4, 8)
+    x[1, 2] = float("inf")
+    fast = _collect(x, [0, 0, 1, 1])[0]
+    monkeypatch.setattr(kernels, "AVAILABLE", False)
+    slow = _collect(x, [0, 0, 1, 1])[0]
+    for result in (fast, slow):
+        assert math.isinf(result.abs_max) and math.isnan(result.kurtosis_pooled)
+    # the window without inf keeps its kurtosis; merging it with the inf window leaves no mean
+    assert fast.kurtosis_window_mean == pytest.approx(slow.kurtosis_window_mean, rel=1e-12)
+    assert fast.windows_without_spread == slow.windows_without_spread == 1
+    assert math.isnan(fast.mean) and math.isnan(slow.mean)
