@@ -403,3 +403,20 @@ def test_small_matrices_take_one_blas_thread_and_large_ones_keep_theirs():
     assert blas_threads() == before  # restored
     with _blas_threads_for((SINGLE_THREAD_MAX_SIDE + 1, SINGLE_THREAD_MAX_SIDE + 1)):
         assert blas_threads() == before
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("scale", [1.0, 1e-12, 0.0])
+def test_symmetric_eigenvalues_equal_scipy_syev_bit_for_bit(dtype, scale):
+    """sytrd (optimal workspace) + sterf is what syev does for eigenvalues: the same bits; a
+    matrix outside syev's no-rescaling range (1e-12² in fp32) goes through eigh itself."""
+    from scipy.linalg import blas, eigh
+
+    from llmprobe.core.spectral import _symmetric_eigenvalues
+
+    rng = np.random.default_rng(7)
+    for n in (2, 9, 130):
+        W = (rng.standard_normal((n, n + 5)) * scale).astype(dtype)
+        gram = (blas.ssyrk if dtype == np.float32 else blas.dsyrk)(1.0, W.T, trans=1, lower=1)
+        expected = eigh(gram.copy(), lower=True, eigvals_only=True, driver="ev", check_finite=False)
+        assert np.array_equal(_symmetric_eigenvalues(gram), expected)

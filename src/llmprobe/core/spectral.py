@@ -124,15 +124,46 @@ def _cpu_gram_singular_values(matrix: torch.Tensor) -> torch.Tensor:
     the CPU, with the same accuracy. The matrix is passed as the Fortran-ordered view of its
     transpose, so nothing is copied.
     """
-    from scipy.linalg import blas, eigh
+    from scipy.linalg import blas
 
     array = matrix.detach().contiguous().numpy()
     rows, cols = array.shape
     syrk = blas.dsyrk if array.dtype == np.float64 else blas.ssyrk
     # array.T is (cols, rows) and Fortran-ordered: trans=1 gives W Wᵀ, trans=0 gives Wᵀ W.
     gram = syrk(1.0, array.T, trans=1 if rows <= cols else 0, lower=1)
-    eig = eigh(gram, lower=True, eigvals_only=True, overwrite_a=True, check_finite=False, driver="ev")
+    eig = _symmetric_eigenvalues(gram)
     return torch.from_numpy(np.sqrt(np.clip(eig, 0.0, None))[::-1].copy())
+
+
+def _symmetric_eigenvalues(gram: np.ndarray) -> np.ndarray:
+    """Eigenvalues (ascending) of the symmetric matrix whose lower triangle ``gram`` holds.
+
+    What LAPACK ``syev`` does for eigenvalues only — ``sytrd`` to tridiagonal form, then
+    ``sterf`` — called directly so that ``sytrd`` gets its optimal workspace and runs blocked
+    (scipy's ``eigh`` passes the minimum): the same numbers bit for bit, ~8% faster (576×576:
+    17.6 against 19.2 ms in fp32). ``syev`` first rescales a matrix whose largest entry is
+    outside [√(tiny/eps), 1/√(tiny/eps)] (about 4e-16…2e15 in fp32); such a matrix, or a failed
+    call, goes to ``eigh``, which does the same.
+    """
+    from scipy.linalg import eigh, lapack
+
+    single = gram.dtype == np.float32
+    limits = np.finfo(gram.dtype)
+    low = math.sqrt(float(limits.tiny) / float(limits.eps))
+    peak = float(np.abs(gram).max()) if gram.size else 0.0
+    if gram.shape[0] > 1 and (peak == 0.0 or low <= peak <= 1.0 / low):
+        tridiagonal = lapack.ssytrd if single else lapack.dsytrd
+        workspace = lapack.ssytrd_lwork if single else lapack.dsytrd_lwork
+        sterf = lapack.ssterf if single else lapack.dsterf
+        lwork = int(workspace(gram.shape[0], lower=1)[0])
+        # gram is kept (sytrd works on a copy): a failed call falls back to eigh on it, which
+        # then reports LAPACK's error in its own words.
+        _, diagonal, off_diagonal, _, info = tridiagonal(gram, lower=1, lwork=lwork)
+        if info == 0:
+            eig, info = sterf(diagonal, off_diagonal, overwrite_d=1, overwrite_e=1)
+            if info == 0:
+                return eig
+    return eigh(gram, lower=True, eigvals_only=True, overwrite_a=True, check_finite=False, driver="ev")
 
 
 def _gram_singular_values(stack: torch.Tensor) -> torch.Tensor:
