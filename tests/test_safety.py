@@ -749,3 +749,44 @@ def test_cli_layers_filter_matching_nothing_is_exit_2(cli, model_dir, tmp_path):
     result = cli("model", "layers", "--model", model_dir, "--filter", "no_such_module", "--out", tmp_path / "o")
     assert_one_line_error(result, "no linear module matches")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(("signum", "code", "line", "error"), [
+    (signal.SIGTERM, 143, "llmprobe: terminated", "terminated (SIGTERM)"),
+    (signal.SIGINT, 130, "llmprobe: interrupted", "interrupted (KeyboardInterrupt)"),
+])
+@pytest.mark.parametrize("earlier_run", [False, True])
+def test_sigterm_cleans_up_like_an_interrupt(tmp_path, earlier_run, signum, code, line, error):
+    """SIGTERM (kill, a scheduler's limit) unwinds like Ctrl-C: exit 143 (130 for Ctrl-C) with one
+    line, the run marked incomplete, no staging folder or lock left, an earlier complete run kept
+    as it was."""
+    model = save_tiny_model_dir("llama", tmp_path / "model")
+    out = tmp_path / "run"
+    before = complete_run(out) if earlier_run else None
+    script = (f"import sys, time; sys.path.insert(0, {str(ROOT / 'src')!r})\n"
+              "from llmprobe.core import output\n"
+              "write = output.RunOutput.write_table\n"
+              "def slow(self, *args, **kwargs):\n"
+              "    write(self, *args, **kwargs)\n"
+              "    print('ready', flush=True)\n"
+              "    time.sleep(60)\n"
+              "output.RunOutput.write_table = slow\n"
+              "from llmprobe.cli.app import main\n"
+              f"main(['weights', 'stats', '--model', {str(model)!r}, '--out', {str(out)!r}, '--quiet'"
+              f"{', ' + repr('--overwrite') if earlier_run else ''}])\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == code
+    assert stderr.strip().splitlines()[-1] == line
+    assert leftovers(out) == []
+    if earlier_run:
+        assert snapshot(out) == before  # a failed run never replaces a complete one
+    else:
+        manifest = manifest_of(out)
+        assert manifest["status"] == "incomplete" and manifest["error"] == error

@@ -23,7 +23,7 @@ from typer.core import TyperGroup
 
 from .. import __version__, registry
 from ..core import progress
-from ..core.errors import LLMProbeError, RunFailed
+from ..core.errors import LLMProbeError, RunFailed, Terminated, terminate_cleanly
 
 # Typer vendors click (typer._click) from 0.2x on; older Typer raises plain click's classes.
 # Plain click is only imported here when Typer does not vendor it (it costs ~0.1 s otherwise).
@@ -284,6 +284,7 @@ def _click_command():
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: bad input is one line on stderr and exit code 2."""
     _argv["value"] = argv
+    terminate_cleanly()
     command = _click_command()
     try:
         result = command.main(args=argv, prog_name="llmprobe", standalone_mode=False)
@@ -291,6 +292,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"llmprobe: error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except typer.Exit as exc:
+        if Terminated.received or isinstance(exc.__cause__, KeyboardInterrupt):
+            _interrupted()
         sys.exit(exc.exit_code)
     except _UsageErrors as exc:
         if type(exc).__name__ == "NoArgsIsHelpError":  # help was already printed
@@ -298,9 +301,19 @@ def main(argv: list[str] | None = None) -> None:
         print(f"llmprobe: error: {exc.format_message()}", file=sys.stderr)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
-        print("llmprobe: interrupted", file=sys.stderr)
-        sys.exit(130)
+        _interrupted()
+    if Terminated.received or result == 130:  # typer hands an interruption back as exit code 130
+        _interrupted()
     sys.exit(result if isinstance(result, int) else 0)
+
+
+def _interrupted() -> None:
+    """One line and the conventional exit code: 143 for SIGTERM, 130 for Ctrl-C."""
+    if Terminated.received:
+        print("llmprobe: terminated", file=sys.stderr)
+        sys.exit(Terminated.exit_code)
+    print("llmprobe: interrupted", file=sys.stderr)
+    sys.exit(130)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -18,3 +18,30 @@ class RunFailed(Exception):
     and the CLI exits with code 1."""
 
     exit_code = 1
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a scheduler's time limit, torchrun stopping its ranks) turned into an
+    interruption: unwinding runs every clean-up a Ctrl-C runs — the run folder is marked
+    incomplete, staged files and the lock are removed, an earlier complete run is kept. The CLI
+    installs the handler (:func:`terminate_cleanly`) and exits with 128 + 15."""
+
+    exit_code = 143
+    received = False  # set by the handler: the CLI's exit code and message do not depend on
+    # what the framework in between made of the exception (typer turns it into a return code)
+
+
+def terminate_cleanly() -> None:
+    """Make SIGTERM raise :class:`Terminated` in the main thread (CLI use; a library caller
+    keeps its own signal handling). No-op outside the main thread or where SIGTERM is absent."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM"):
+        return
+
+    def raise_terminated(signum, frame):
+        Terminated.received = True
+        raise Terminated(f"terminated by signal {signum}")
+
+    signal.signal(signal.SIGTERM, raise_terminated)

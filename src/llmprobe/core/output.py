@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from .errors import LLMProbeError
+from .errors import LLMProbeError, Terminated
 
 # The atomic writers live in core/files.py (importable without pandas/pydantic: figure workers).
 from .files import atomic_write_bytes, atomic_write_text, current_umask  # noqa: F401  (re-exported)
@@ -490,7 +490,9 @@ class RunOutput:
             self.manifest["status"] = "complete"
         else:
             self.manifest["status"] = "incomplete"
-            if issubclass(exc_type, KeyboardInterrupt):
+            if issubclass(exc_type, Terminated):
+                self.manifest["error"] = "terminated (SIGTERM)"
+            elif issubclass(exc_type, KeyboardInterrupt):
                 self.manifest["error"] = "interrupted (KeyboardInterrupt)"
             else:
                 self.manifest["error"] = f"{exc_type.__name__}: {exc}" if exc is not None else exc_type.__name__
