@@ -161,6 +161,57 @@ def test_workers_started_with_the_command_draw_the_same_bytes(tmp_path, monkeypa
     assert unused.proc.poll() is not None
 
 
+def test_figures_drawn_while_the_analysis_runs_are_not_drawn_again(tmp_path, monkeypatch):
+    """alpha-hill hands the combined batches to the started workers as their rows arrive
+    (FigureStreamer + Job.draw_early); the final figure set yields the same descriptions, which
+    are then taken, not redrawn: the same files and bytes as a serial run."""
+    from llmprobe.core import figures
+    from llmprobe.plots.alpha_hill import FigureStreamer
+
+    serial = _write(tmp_path, "serial", 0, monkeypatch)
+    monkeypatch.setenv("LLMPROBE_FIGURE_WORKERS", "2")
+    figures.start_workers(warm=("llmprobe.plots.alpha_hill",))
+    rows = [types.SimpleNamespace(layer_name=r["layer_name"], row=(lambda r=r: dict(r))) for r in _alpha_rows()]
+    options = types.SimpleNamespace(fit="hill", max_layers_per_plot=4, individual_plots=True)
+    streamer = FigureStreamer([types.SimpleNamespace(name=r.layer_name) for r in rows], ["fp32", "fp16"], options)
+    with RunOutput(tmp_path / "early", command="test") as run:
+        early = []
+        for start in range(0, len(rows), 5):  # chunks of 5 rows finish one after the other
+            tasks = streamer.ready(rows[start:start + 5])
+            early.extend(tasks)
+            figures.draw_early(run.dir, "png", tasks)
+        stream = figures._STARTED["stream"]
+        figures.write_figures(run, _alpha_figures(), "png")
+    assert len(early) == 2  # ceil(6 batches / 4 per call): both drawn before the set was asked for
+    final = [item for item in _alpha_figures() if isinstance(item[1], (figures.Deferred, figures.DeferredSet))]
+    assert len(stream.tasks) == len(final)  # each drawn once
+    assert "stream" not in figures._STARTED and stream.pool.proc.poll() == 0
+    assert run.files == serial.files
+    for rel in run.files:
+        if rel.endswith(".png"):
+            assert (run.dir / rel).read_bytes() == (serial.dir / rel).read_bytes(), rel
+
+
+def test_figures_drawn_early_for_a_run_that_fails_leave_no_files(tmp_path, monkeypatch):
+    from llmprobe.core import figures
+    from llmprobe.plots.alpha_hill import combined_batch_tasks
+
+    monkeypatch.setenv("LLMPROBE_FIGURE_WORKERS", "2")
+    figures.start_workers()
+    options = types.SimpleNamespace(fit="hill", max_layers_per_plot=4, individual_plots=False)
+    rows = _alpha_rows()
+    with pytest.raises(RuntimeError, match="analysis failed"):
+        with RunOutput(tmp_path / "failed", command="test") as run:
+            figures.draw_early(run.dir, "png", combined_batch_tasks(rows, len(rows), ["fp32", "fp16"], options))
+            try:
+                raise RuntimeError("analysis failed")
+            finally:
+                figures.discard_early()  # what session.execute does on the way out
+    assert "stream" not in figures._STARTED
+    leftover = [p.name for p in (tmp_path / "failed").rglob("*") if p.is_file() and p.name != "manifest.json"]
+    assert leftover == []
+
+
 def test_reused_bar_figures_equal_freshly_built_bars(tmp_path):
     """The frozen-layout figure updated in place shows the same bars as one built for the group."""
     from llmprobe.plots.alpha_hill import _bars_figure, reused_bar_figures

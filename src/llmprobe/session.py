@@ -77,6 +77,19 @@ class Job:
             self.state["calibration"] = self.session.calibration(self.options)
         return self.state["calibration"]
 
+    def draw_early(self, figures) -> None:
+        """Hand figures whose data is final to the figure workers while the analysis computes
+        the rest (:func:`llmprobe.core.figures.draw_early`). The analysis's figure set must yield
+        the same descriptions at the end; those are then not drawn again. Nothing happens when
+        this run writes no figures, or has no started workers, or runs under torchrun."""
+        from .core import distributed
+
+        if self.run is None or not getattr(self.options, "plot", False) or distributed.is_distributed():
+            return
+        from .core.figures import draw_early
+
+        draw_early(self.run.dir, self.options.plot_format, figures)
+
     @property
     def evaluation(self):
         """(corpus, token ids) of the evaluation dataset."""
@@ -261,16 +274,21 @@ def execute(session: Session, analysis: registry.Analysis, options: Options, *,
         run.update(**run_manifest(session, job), **({"distributed": world} if world else {}))
         job.started_at = distributed.broadcast(run.manifest["started_at"])
         job.run_dir, job.run = run.dir, run
-        result = distributed.settle(compute, job)
-        result.analysis, result.out = analysis.name, run.target
-        for table, records in result.tables.items():
-            run.write_table(table, records, json_too=table not in result.csv_only)
-        for name, document in result.documents.items():
-            run.write_json(name, document)
-        if getattr(options, "plot", False) and analysis.figures:
-            write_figures(run, registry.resolve(analysis.figures)(result, options), options.plot_format)
-        if result.manifest:
-            run.update(**result.manifest)
+        try:
+            result = distributed.settle(compute, job)
+            result.analysis, result.out = analysis.name, run.target
+            for table, records in result.tables.items():
+                run.write_table(table, records, json_too=table not in result.csv_only)
+            for name, document in result.documents.items():
+                run.write_json(name, document)
+            if getattr(options, "plot", False) and analysis.figures:
+                write_figures(run, registry.resolve(analysis.figures)(result, options), options.plot_format)
+            if result.manifest:
+                run.update(**result.manifest)
+        finally:  # figures drawn early (job.draw_early) that nothing published leave no files
+            from .core.figures import discard_early
+
+            discard_early()
     return result
 
 

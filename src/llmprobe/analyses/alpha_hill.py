@@ -62,7 +62,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -305,18 +305,41 @@ def select_matrices(ws: WeightSource, regex: str | None = None) -> list[MatrixPl
     return sorted(plans, key=model_order)
 
 
-def _chunks(plans: list[MatrixPlan], chunk_bytes: int) -> list[list[MatrixPlan]]:
-    """Same-shape groups in first-seen order, split so each chunk stays within ``chunk_bytes``."""
+# Matrices per chunk on the CPU: each finished chunk's rows can go to the figure workers early.
+CPU_CHUNK_MATRICES = 10
+
+
+def _chunks(plans: list[MatrixPlan], chunk_bytes: int, device=None) -> list[list[MatrixPlan]]:
+    """Chunks of matrices decomposed together, each within ``chunk_bytes`` of fp64 copies.
+
+    On a GPU, same-shape groups in first-seen order (they are stacked into batched calls). On
+    the CPU, where LAPACK takes one matrix at a time anyway, runs of at most
+    :data:`CPU_CHUNK_MATRICES` consecutive matrices in model order: rows then finish in model
+    order, so figures of the first matrices can be drawn while the later ones are computed."""
+    if device is not None and torch.device(device).type == "cpu":
+        chunks, chunk, size = [], [], 0
+        for plan in plans:
+            cost = _chunk_cost(plan.shape)
+            if chunk and (len(chunk) == CPU_CHUNK_MATRICES or size + cost > chunk_bytes):
+                chunks.append(chunk)
+                chunk, size = [], 0
+            chunk.append(plan)
+            size += cost
+        return chunks + ([chunk] if chunk else [])
     by_shape: dict[tuple[int, int, int], list[MatrixPlan]] = {}
     for plan in plans:
         by_shape.setdefault((*plan.shape, plan.channel_axis), []).append(plan)
     chunks = []
     for (rows, cols, _), group in by_shape.items():
-        # fp64 copies are the widest thing a chunk holds: weight + quantized copy + stack + Gram.
-        per_matrix = (3 * rows * cols + min(rows, cols) ** 2) * 8
-        size = max(1, chunk_bytes // max(per_matrix, 1))
+        size = max(1, chunk_bytes // max(_chunk_cost((rows, cols)), 1))
         chunks.extend(group[start:start + size] for start in range(0, len(group), size))
     return chunks
+
+
+def _chunk_cost(shape) -> int:
+    # fp64 copies are the widest thing a chunk holds: weight + quantized copy + stack + Gram.
+    rows, cols = shape
+    return (3 * rows * cols + min(rows, cols) ** 2) * 8
 
 
 # --------------------------------------------------------------------------- the analysis
@@ -475,12 +498,14 @@ def alpha_hill_analysis(
     *,
     spectrum_dtype: str = "auto",
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    on_rows: Callable[[list[PrecisionAlphaHill]], None] | None = None,
 ) -> tuple[list[PrecisionAlphaHill], list[PrecisionSummaryStatistics]]:
     """Alpha of every selected weight matrix at every precision, and its distribution per precision.
 
     ``ws``: a :class:`WeightSource`, an ``nn.Module``, or anything :meth:`WeightSource.open`
     takes (a model id/path, None for the embedded model). Returns ``(rows, summary)``; the
-    semantics of every column are in the module docstring.
+    semantics of every column are in the module docstring. ``on_rows`` is called with the rows
+    of each finished chunk as they come (in model order on the CPU).
     """
     precisions = parse_precisions(precisions)
     k_frac = check_k_frac(k_frac)
@@ -490,7 +515,7 @@ def alpha_hill_analysis(
     target = resolve_device(device)
     ws = _as_weight_source(ws)
     plans = select_matrices(ws, regex)
-    chunks = _chunks(plans, chunk_bytes)
+    chunks = _chunks(plans, chunk_bytes, target)
     logger.info("alpha-hill: %d matrices in %d chunks; precisions %s; fit %s; k_frac %g; spectra in %s on %s",
                 len(plans), len(chunks), ",".join(precisions), fit, k_frac,
                 ",".join(f"{p}:{spectrum_arithmetic(p, spectrum_dtype, precisions, fit)}" for p in precisions),
@@ -498,9 +523,11 @@ def alpha_hill_analysis(
 
     def rows_of(part: list[MatrixPlan]) -> list[PrecisionAlphaHill]:
         def rows_as_done() -> Iterator[PrecisionAlphaHill]:
-            for chunk in _chunks(part, chunk_bytes):
-                yield from _process_chunk(ws, chunk, precisions, k_frac, fit, target, torch_load_dtype,
-                                          spectrum_dtype)
+            for chunk in _chunks(part, chunk_bytes, target):
+                done = _process_chunk(ws, chunk, precisions, k_frac, fit, target, torch_load_dtype, spectrum_dtype)
+                if on_rows is not None:
+                    on_rows(done)
+                yield from done
 
         done = list(track(rows_as_done(), "alpha-hill", total=len(part)))
         # chunks run shape by shape; report in model order
@@ -526,13 +553,17 @@ def prepare_job(job):
 
 
 def alpha_hill_job(job):
+    from ..plots.alpha_hill import FigureStreamer
     from ..session import Result
 
     o = job.options
     chosen = parse_precisions(o.precisions)
+    # The combined-batch figures of the first matrices are drawn while the rest are computed.
+    streamer = FigureStreamer(job.state["plans"], chosen, o)
     rows, summary = alpha_hill_analysis(job.weights, chosen, k_frac=o.k_frac, regex=o.filter,
                                         device=job.state["device"], load_dtype=o.load_dtype, fit=o.fit,
-                                        spectrum_dtype=o.spectrum_dtype)
+                                        spectrum_dtype=o.spectrum_dtype,
+                                        on_rows=lambda done: job.draw_early(streamer.ready(done)))
     flagged = {status: sum(row.status == status for row in rows) for status in ("non_finite", "nan_alpha")}
     result = Result(tables={RESULTS_TABLE: rows, SUMMARY_TABLE: summary},
                     manifest={"precisions": chosen, "device": str(job.state["device"]),

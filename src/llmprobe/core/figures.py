@@ -178,25 +178,65 @@ def write_figures(run, figures: Iterable[tuple], fmt: str) -> list[str]:
             for files in drawn.values():
                 for _, staged in files:
                     Path(staged).unlink(missing_ok=True)
+            discard_early()
     return written
 
 
 def _draw_all(tasks: list[tuple], directory: Path, fmt: str) -> Iterator[tuple[int, list[tuple[str, str]]]]:
     """(task index, files) for every task, in completion order; drawn by the workers started
     with the command (:func:`start_workers`), else by new ones when that pays, else here."""
-    pool = _STARTED.pop("pool", None)
-    if pool is None:
+    stream = _STARTED.pop("stream", None)
+    if stream is not None and (stream.directory != str(directory) or stream.fmt != fmt):
+        stream.discard()  # drawn early for another run: of no use here
+        stream = None
+    pool = None if stream is not None else _STARTED.pop("pool", None)
+    if stream is None and pool is None:
         workers = figure_workers(len(tasks))
         if workers > 1:
             pool = _WorkerPool(workers)
-    if pool is None:
+    if stream is None and pool is None:
         for index, task in enumerate(tasks):
             yield index, draw_task(task, str(directory), fmt)
         return
-    yield from pool.run(tasks, str(directory), fmt)
+    if stream is None:
+        stream = _Stream(pool, str(directory), fmt)
+    try:
+        # A task already handed over while the analysis ran (draw_early) is not drawn again.
+        tickets = [stream.ticket_of(task) for task in tasks]
+        position = {ticket: index for index, ticket in enumerate(tickets)}
+        for ticket, files in stream.results(tickets):
+            yield position[ticket], files
+    finally:
+        stream.close()
 
 
-_STARTED: dict[str, _WorkerPool] = {}
+def draw_early(directory: Path, fmt: str, figures: Iterable[tuple]) -> None:
+    """Hand deferred figures whose data is final to the started workers now, while the analysis
+    computes the rest (the workers would idle until its end otherwise). The figure set yields
+    the same descriptions again at the end; :func:`write_figures` then takes these drawings
+    instead of drawing them twice. A no-op without started workers (one core, or
+    ``LLMPROBE_FIGURE_WORKERS`` 0/1): everything is drawn at the end as before."""
+    stream = _STARTED.get("stream")
+    if stream is None:
+        pool = _STARTED.pop("pool", None)
+        if pool is None:
+            return
+        stream = _STARTED["stream"] = _Stream(pool, str(directory), fmt)
+    for item in figures:
+        stem, figure, *extra = item
+        if isinstance(figure, (Deferred, DeferredSet)):
+            stream.submit((stem, figure, dict(extra[0]) if extra else {}))
+
+
+def discard_early() -> None:
+    """Drop figures drawn early that no :func:`write_figures` took (a run that failed, or a set
+    that changed its mind): their staged files are removed and the workers stopped."""
+    stream = _STARTED.pop("stream", None)
+    if stream is not None:
+        stream.discard()
+
+
+_STARTED: dict[str, object] = {}
 
 
 def start_workers(warm: Iterable[str] = ()) -> None:
@@ -272,53 +312,117 @@ class _WorkerPool:
         except Exception:
             self.proc.kill()
 
-    def run(self, tasks: list[tuple], directory: str, fmt: str) -> Iterator[tuple[int, list[tuple[str, str]]]]:
-        import pickle
+
+class _Stream:
+    """Figures handed to a :class:`_WorkerPool` one by one, as they become known; one feeder
+    thread per worker sends it the next task when it finishes one (dynamic balancing), and
+    :meth:`results` hands back each drawing as it completes."""
+
+    def __init__(self, pool: _WorkerPool, directory: str, fmt: str):
         import queue
         import threading
 
-        self.used = True
-        pending = iter(range(len(tasks)))
-        lock = threading.Lock()
-        done: queue.Queue = queue.Queue()
-
-        def feed(channel) -> None:
-            to_worker, from_worker = channel
-            try:
-                while True:
-                    with lock:
-                        index = next(pending, None)
-                    if index is None:
-                        break
-                    pickle.dump((tasks[index], directory, fmt), to_worker)
-                    to_worker.flush()
-                    status, payload = pickle.load(from_worker)
-                    done.put((index, status, payload))
-                    if status != "ok":
-                        break
-            except (EOFError, OSError, pickle.UnpicklingError) as exc:
-                done.put((None, "error", f"figure worker exited unexpectedly ({type(exc).__name__})"))
-            finally:
-                done.put((None, "finished", None))
-
-        threads = [threading.Thread(target=feed, args=(channel,), daemon=True) for channel in self.channels]
-        for thread in threads:
+        self.pool, self.directory, self.fmt = pool, directory, fmt
+        self.tasks: list[tuple] = []
+        self._todo: queue.Queue = queue.Queue()
+        self._done: queue.Queue = queue.Queue()
+        self._drawn: dict[int, list[tuple[str, str]]] = {}
+        self._taken: set[int] = set()
+        self._finished = 0
+        self._error: str | None = None
+        self._closed = False
+        pool.used = True
+        self._threads = [threading.Thread(target=self._feed, args=(channel,), daemon=True)
+                         for channel in pool.channels]
+        for thread in self._threads:
             thread.start()
+
+    def submit(self, task: tuple) -> int:
+        self.tasks.append(task)
+        self._todo.put(len(self.tasks) - 1)
+        return len(self.tasks) - 1
+
+    def ticket_of(self, task: tuple) -> int:
+        """The ticket of an equal task handed over earlier and not yet taken, else a new one."""
+        for ticket, known in enumerate(self.tasks):
+            if ticket not in self._taken and known == task:
+                self._taken.add(ticket)
+                return ticket
+        ticket = self.submit(task)
+        self._taken.add(ticket)
+        return ticket
+
+    def _feed(self, channel) -> None:
+        import pickle
+
+        to_worker, from_worker = channel
         try:
-            finished = 0
-            while finished < len(threads):
-                index, status, payload = done.get()
-                if status == "finished":
-                    finished += 1
-                elif status == "ok":
-                    yield index, payload
-                else:
-                    with lock:  # stop handing out tasks; the error below ends the run
-                        for _ in pending:
-                            pass
-                    raise RuntimeError(f"drawing a figure failed in a worker process:\n{payload}")
+            while True:
+                ticket = self._todo.get()
+                if ticket is None:
+                    self._todo.put(None)  # for the other feeders
+                    break
+                pickle.dump((self.tasks[ticket], self.directory, self.fmt), to_worker)
+                to_worker.flush()
+                status, payload = pickle.load(from_worker)
+                self._done.put((ticket, status, payload))
+                if status != "ok":
+                    break
+        except (EOFError, OSError, pickle.UnpicklingError) as exc:
+            self._done.put((None, "error", f"figure worker exited unexpectedly ({type(exc).__name__})"))
         finally:
-            self.close()
+            self._done.put((None, "finished", None))
+
+    def _receive(self) -> None:
+        ticket, status, payload = self._done.get()
+        if status == "finished":
+            self._finished += 1
+        elif status == "ok":
+            self._drawn[ticket] = payload
+        elif self._error is None:
+            self._error = payload
+
+    def results(self, tickets: list[int]) -> Iterator[tuple[int, list[tuple[str, str]]]]:
+        """(ticket, files) for each of ``tickets``, as the drawings complete."""
+        waiting = set(tickets)
+        while waiting:
+            ready = [ticket for ticket in waiting if ticket in self._drawn]
+            for ticket in ready:
+                waiting.discard(ticket)
+                yield ticket, self._drawn.pop(ticket)
+            if not waiting:
+                break
+            if self._error is not None:
+                self._stop_feeding()
+                raise RuntimeError(f"drawing a figure failed in a worker process:\n{self._error}")
+            if self._finished == len(self._threads):
+                raise RuntimeError("figure workers stopped before drawing every figure")
+            self._receive()
+
+    def _stop_feeding(self) -> None:
+        while True:  # drop what was not sent yet
+            try:
+                self._todo.get_nowait()
+            except Exception:
+                break
+        self._todo.put(None)
+
+    def close(self) -> None:
+        """Let the workers finish and exit; drawings nobody took are removed."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop_feeding()
+        while self._finished < len(self._threads):
+            self._receive()
+        self.pool.close()
+        for files in self._drawn.values():
+            for _, staged in files:
+                Path(staged).unlink(missing_ok=True)
+        self._drawn.clear()
+
+    def discard(self) -> None:
+        self.close()
 
 
 def _warm_up(modules: list[str]) -> None:

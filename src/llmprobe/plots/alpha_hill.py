@@ -350,18 +350,71 @@ def individual_layer_set(rows: Sequence[dict], first_number: int, precisions: Se
                figure, options)
 
 
+# Combined batches per worker call when they are drawn as their rows arrive (FigureStreamer).
+BATCHES_PER_TASK = 4
+
+
+def _label(o) -> str:
+    return "Alpha-Hill" if o.fit == "hill" else "alpha (power-law fit)"
+
+
+def combined_batch_tasks(rows: Sequence[dict], total: int, precisions: Sequence[str], o) -> list[tuple[str, DeferredSet]]:
+    """The combined-batch figures (seed 001: ``--max-layers-per-plot`` matrices each, in model
+    order) whose rows are all in ``rows`` — the first rows of ``total`` in model order — as
+    worker calls of :data:`BATCHES_PER_TASK` batches. A call is described the same whether it is
+    made from the first rows (while the rest are computed) or from all of them."""
+    label = _label(o)
+    size = total if o.max_layers_per_plot <= 0 else o.max_layers_per_plot
+    size = max(size, 1)
+    starts = list(range(0, total, size))
+    tasks = []
+    for first in range(0, len(starts), BATCHES_PER_TASK):
+        chunk = starts[first:first + BATCHES_PER_TASK]
+        end = min(chunk[-1] + size, total)
+        if len(rows) < end:
+            break  # later batches are not complete yet
+        groups = [(f"plots/combined_batch_{first + offset + 1}", list(rows[start:min(start + size, total)]),
+                   f"{label} by precision — matrices {start + 1}–{min(start + size, total)} of {total}")
+                  for offset, start in enumerate(chunk)]
+        tasks.append(("plots", DeferredSet(f"{__name__}:reused_bar_figures", (groups, list(precisions), label))))
+    return tasks
+
+
+class FigureStreamer:
+    """The combined-batch figures of ``weights alpha-hill`` as the rows arrive (they need only
+    their own rows): :meth:`ready` takes the rows of a finished chunk and returns the worker
+    calls that became complete, once each (``Job.draw_early`` hands them to the workers)."""
+
+    def __init__(self, plans: Sequence, precisions: Sequence[str], o):
+        self.position = {plan.name: index for index, plan in enumerate(plans)}
+        self.total, self.precisions, self.options = len(plans), list(precisions), o
+        self.rows: dict[int, dict] = {}
+        self.sent = 0
+
+    def ready(self, done: Sequence) -> list[tuple[str, DeferredSet]]:
+        for row in done:
+            self.rows[self.position[row.layer_name]] = row.row()
+        prefix = []
+        while len(prefix) in self.rows:
+            prefix.append(self.rows[len(prefix)])
+        tasks = combined_batch_tasks(prefix, self.total, self.precisions, self.options)
+        new, self.sent = tasks[self.sent:], len(tasks)
+        return new
+
+
 def alpha_hill_figures(result, o):
     """Seed 001's figure set under ``plots/``, plus alpha against depth per category; the
     one-bar-chart-per-matrix set only with ``--individual-plots``. Every figure is described as
-    data (the writer draws them in worker processes)."""
+    data (the writer draws them in worker processes; the combined batches may already have been
+    drawn while the spectra ran, see :class:`FigureStreamer`)."""
     rows = [row.row() for row in result.tables["precision_alpha_hill_results"]]
     precisions = list(result.manifest["precisions"])
-    label = "Alpha-Hill" if o.fit == "hill" else "alpha (power-law fit)"
+    label = _label(o)
     here = __name__
     yield "plots/alpha_distribution_by_precision", Deferred(f"{here}:alpha_distribution_figure",
                                                             (rows, precisions, label))
-    # Category and combined-batch bar charts: redrawn in place on a few reused figures, in
-    # chunks so that several workers share them.
+    # Category bar charts: redrawn in place on a few reused figures, in chunks so that several
+    # workers share them.
     groups: list[tuple[str, list[dict], str]] = []
     categories: dict[str, list[dict]] = {}
     for row in rows:
@@ -369,13 +422,9 @@ def alpha_hill_figures(result, o):
     for category, members in categories.items():
         groups.append((f"plots/category_{_file_part(category)}", members,
                        f"{label} by precision — {category} ({len(members)} matrices)"))
-    size = len(rows) if o.max_layers_per_plot <= 0 else o.max_layers_per_plot
-    for number, start in enumerate(range(0, len(rows), max(size, 1)), start=1):
-        batch = rows[start:start + size]
-        groups.append((f"plots/combined_batch_{number}", batch,
-                       f"{label} by precision — matrices {start + 1}–{start + len(batch)} of {len(rows)}"))
     for start in range(0, len(groups), BAR_CHUNK):
         yield "plots", DeferredSet(f"{here}:reused_bar_figures", (groups[start:start + BAR_CHUNK], precisions, label))
+    yield from combined_batch_tasks(rows, len(rows), precisions, o)
     for category, members in _depth_categories(rows).items():
         yield f"plots/alpha_vs_depth_{_file_part(category)}", Deferred(
             f"{here}:alpha_vs_depth_figure", (members, precisions, label, category))
