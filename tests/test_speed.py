@@ -325,3 +325,25 @@ def test_tables_are_written_as_pandas_wrote_them():
         frame = pd.DataFrame(rows, columns=list(dict.fromkeys(c for r in rows for c in r)), dtype=object) \
             if rows else pd.DataFrame()
         assert records_csv([Row(r) for r in rows]) == frame.to_csv(index=False)
+
+
+def test_reused_depth_figures_equal_freshly_built_ones():
+    """The frozen-layout depth figure updated in place shows the same lines as one built for the
+    category."""
+    from llmprobe.plots.alpha_hill import _depth_categories, alpha_vs_depth_figure, reused_depth_figures
+
+    categories = _depth_categories(_alpha_rows())
+    groups = [(f"plots/alpha_vs_depth_{c}", members, c) for c, members in categories.items()]
+    assert len(groups) >= 2
+    checked = 0
+    for (stem, figure, options), (_, members, category) in zip(reused_depth_figures(groups, ["fp32", "fp16"], "alpha"),
+                                                                groups):
+        fresh = alpha_vs_depth_figure(members, ["fp32", "fp16"], "alpha", category)
+        for got, want in zip(figure.axes, fresh.axes):
+            assert [list(map(list, line.get_xydata())) for line in got.get_lines()] == \
+                [list(map(list, line.get_xydata())) for line in want.get_lines()], stem
+            assert got.get_ylim() == pytest.approx(want.get_ylim()), stem
+        assert figure.axes[0].get_title() == fresh.axes[0].get_title()
+        assert options == {"tight": False, "close": False}
+        checked += 1
+    assert checked == len(groups)

@@ -324,6 +324,7 @@ class _Stream:
 
         self.pool, self.directory, self.fmt = pool, directory, fmt
         self.tasks: list[tuple] = []
+        self._keys: list[bytes] = []  # pickled tasks: equal descriptions, NaN values included
         self._todo: queue.Queue = queue.Queue()
         self._done: queue.Queue = queue.Queue()
         self._drawn: dict[int, list[tuple[str, str]]] = {}
@@ -338,14 +339,20 @@ class _Stream:
             thread.start()
 
     def submit(self, task: tuple) -> int:
+        import pickle
+
         self.tasks.append(task)
+        self._keys.append(pickle.dumps(task))
         self._todo.put(len(self.tasks) - 1)
         return len(self.tasks) - 1
 
     def ticket_of(self, task: tuple) -> int:
         """The ticket of an equal task handed over earlier and not yet taken, else a new one."""
-        for ticket, known in enumerate(self.tasks):
-            if ticket not in self._taken and known == task:
+        import pickle
+
+        key = pickle.dumps(task)
+        for ticket, known in enumerate(self._keys):
+            if ticket not in self._taken and known == key:
                 self._taken.add(ticket)
                 return ticket
         ticket = self.submit(task)

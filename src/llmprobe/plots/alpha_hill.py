@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 # Per-matrix figures drawn by one worker call (each call reuses one Figure for its chunk).
 INDIVIDUAL_CHUNK = 24
 BAR_CHUNK = 8
+DEPTH_CHUNK = 4
 
 MAX_TICK_LABELS = 60
 _COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
@@ -252,6 +253,49 @@ def alpha_vs_depth_figure(members: Sequence[dict], precisions: Sequence[str], al
     return figure
 
 
+def reused_depth_figures(groups: Sequence[tuple[str, list[dict], str]], precisions: Sequence[str],
+                         alpha_label: str) -> Iterator[tuple[str, Figure, dict]]:
+    """:func:`alpha_vs_depth_figure` for each of ``groups`` ((stem, members, category) each),
+    drawn on one Figure per distinct member count whose lines, limits and title are updated: the
+    constrained layout (half the cost of such a figure) runs once, against placeholder values as
+    wide as any tick label, and is then frozen, as for the bar charts."""
+    built: dict[int, tuple] = {}
+    try:
+        for stem, members, category in groups:
+            count = len(members)
+            if count not in built:
+                placeholder = [{"layer_index": index, **{f"alpha_{p}": -1e4 if index % 2 else 1e4 for p in precisions}}
+                               for index in range(count)]
+                figure = alpha_vs_depth_figure(placeholder, precisions, alpha_label, "placeholder")
+                if len(figure.axes) > 1:
+                    figure.axes[1].set_ylim(-1.5e-5, 1.5e-5)  # sci-notation offset text laid out like the real ones
+                figure.draw_without_rendering()
+                _freeze_layout(figure)
+                built[count] = figure
+            figure = built[count]
+            _update_depth_lines(figure, members, precisions)
+            figure.axes[0].set_title(f"{alpha_label} vs depth — {category}", fontsize=10)
+            yield stem, figure, {"tight": False, "close": False}
+    finally:
+        for figure in built.values():
+            figure.clear()
+
+
+def _update_depth_lines(figure: Figure, members: Sequence[dict], precisions: Sequence[str]) -> None:
+    axes = figure.axes
+    depth = np.array([row["layer_index"] for row in members])
+    reference = np.array([_alpha(row, precisions[0]) for row in members])
+    deltas = iter(line for line in axes[1].get_lines() if line.get_marker() == "o") if len(axes) > 1 else iter(())
+    for line, precision in zip(axes[0].get_lines(), precisions):
+        values = np.array([_alpha(row, precision) for row in members])
+        line.set_data(depth, values)
+        if precision != precisions[0]:
+            next(deltas).set_data(depth, values - reference)
+    for ax in axes:  # the placeholder's fixed limits are dropped: autoscale to these lines
+        ax.relim()
+        ax.autoscale(enable=True)
+
+
 def reused_bar_figures(groups: Sequence[tuple[str, list[dict], str]], precisions: Sequence[str],
                        alpha_label: str) -> Iterator[tuple[str, Figure, dict]]:
     """The grouped-bar figures of ``groups`` ((stem, rows, title) each), drawing one Figure per
@@ -425,9 +469,10 @@ def alpha_hill_figures(result, o):
     for start in range(0, len(groups), BAR_CHUNK):
         yield "plots", DeferredSet(f"{here}:reused_bar_figures", (groups[start:start + BAR_CHUNK], precisions, label))
     yield from combined_batch_tasks(rows, len(rows), precisions, o)
-    for category, members in _depth_categories(rows).items():
-        yield f"plots/alpha_vs_depth_{_file_part(category)}", Deferred(
-            f"{here}:alpha_vs_depth_figure", (members, precisions, label, category))
+    depth = [(f"plots/alpha_vs_depth_{_file_part(category)}", members, category)
+             for category, members in _depth_categories(rows).items()]
+    for start in range(0, len(depth), DEPTH_CHUNK):
+        yield "plots", DeferredSet(f"{here}:reused_depth_figures", (depth[start:start + DEPTH_CHUNK], precisions, label))
     if o.individual_plots:
         for start in range(0, len(rows), INDIVIDUAL_CHUNK):
             yield "plots/individual_layers", DeferredSet(
