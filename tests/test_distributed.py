@@ -72,7 +72,7 @@ def test_shard_by_cost_balances_cost_not_count():
     # on one rank; by cost the big one is alone.
     assert distributed.shard_by_cost([100, 1, 1, 1, 1], 2) == [[0], [1, 2, 3, 4]]
     rng = random.Random(0)
-    for trial in range(40):
+    for _ in range(40):
         n, parts = rng.randint(1, 8), rng.randint(1, 3)
         costs = [rng.choice([1, 2, 3, 7, 50]) * rng.randint(1, 9) for _ in range(n)]
         assignment = distributed.shard_by_cost(costs, parts)

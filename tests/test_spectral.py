@@ -92,7 +92,8 @@ def test_fp32_and_fp64_arithmetic_are_honoured():
     sigma64, _ = singular_values(W, method="svd", dtype=torch.float64)
     sigma32, _ = singular_values(W, method="svd", dtype="fp32")
     np.testing.assert_allclose(sigma64.numpy(), reference, rtol=1e-5)
-    assert sigma32[1] < 4 * 2.0 ** -23 and sigma32.dtype == torch.float64  # fp32 round-off of an exactly singular matrix; returned as fp64
+    # fp32 round-off of an exactly singular matrix; returned as fp64
+    assert sigma32[1] < 4 * 2.0 ** -23 and sigma32.dtype == torch.float64
     # a bf16 weight is converted exactly to fp64 before any arithmetic
     W16 = torch.randn(20, 30, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     sigma_bf16, _ = singular_values(W16, method="svd")
