@@ -121,3 +121,15 @@ def test_compiled_path_keeps_nan_and_inf_semantics(monkeypatch):
     assert fast.kurtosis_window_mean == pytest.approx(slow.kurtosis_window_mean, rel=1e-12)
     assert fast.windows_without_spread == slow.windows_without_spread == 1
     assert math.isnan(fast.mean) and math.isnan(slow.mean)
+
+
+def test_kernels_work_without_a_writable_cache_location(monkeypatch):
+    """A read-only install with no writable home: numba finds nowhere to cache; the kernels are
+    then compiled in the process instead of failing."""
+    from numba.core import caching
+
+    monkeypatch.setattr(caching.CacheImpl, "_locator_classes", [])
+    monkeypatch.setattr(kernels, "_COMPILED", {})
+    x = _activation(3, 5)
+    rows, columns = kernels.activation_sums(x, np.zeros(3))
+    np.testing.assert_allclose(columns, (x.double().numpy() ** 2).sum(axis=0), rtol=1e-13)

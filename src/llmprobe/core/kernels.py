@@ -46,7 +46,10 @@ def _compiled(function):
             logging.getLogger(__name__).warning("numba cannot be imported (%s): statistics run in plain Python", exc)
             _COMPILED[function] = function
         else:
-            _COMPILED[function] = njit(cache=True, nogil=True, fastmath=_FASTMATH)(function)
+            try:
+                _COMPILED[function] = njit(cache=True, nogil=True, fastmath=_FASTMATH)(function)
+            except RuntimeError:  # no writable cache location (read-only install, no home): compile per process
+                _COMPILED[function] = njit(nogil=True, fastmath=_FASTMATH)(function)
     return _COMPILED[function]
 
 
