@@ -346,7 +346,7 @@ class _QuantErrorCollector:
         x = batch.x
         if x.shape[0] == 0:
             return
-        # Per-token sums in fp32 (F terms each), folded into fp64 totals.
+        # Per-token sums (fp64 on compiled batches, else fp32 over F terms), folded into fp64 totals.
         row_error = batch.derived(("quant row sse", self.spec), self.spec.row_squared_error).to(torch.float64)
         row_signal = batch.row_sum_sq()
         self.sse[key] = self.sse.get(key, 0.0) + float(row_error.sum())

@@ -524,13 +524,14 @@ def alpha_hill_analysis(
     def rows_of(part: list[MatrixPlan]) -> list[PrecisionAlphaHill]:
         def rows_as_done() -> Iterator[PrecisionAlphaHill]:
             for chunk in _chunks(part, chunk_bytes, target):
-                done = _process_chunk(ws, chunk, precisions, k_frac, fit, target, torch_load_dtype, spectrum_dtype)
+                chunk_rows = _process_chunk(ws, chunk, precisions, k_frac, fit, target, torch_load_dtype,
+                                            spectrum_dtype)
                 if on_rows is not None:
-                    on_rows(done)
-                yield from done
+                    on_rows(chunk_rows)
+                yield from chunk_rows
 
         done = list(track(rows_as_done(), "alpha-hill", total=len(part)))
-        # chunks run shape by shape; report in model order
+        # on a GPU chunks run shape by shape; report in model order
         position = {plan.name: index for index, plan in enumerate(part)}
         return sorted(done, key=lambda row: position[row.layer_name])
 

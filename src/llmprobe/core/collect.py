@@ -106,8 +106,8 @@ class Batch:
     def compiled(self) -> bool:
         """True where the one-pass CPU kernels of :mod:`llmprobe.core.kernels` serve this batch
         (fp32 rows on the CPU, numba importable); elsewhere the torch ops do."""
-        return self.derived("compiled", lambda b: kernels.AVAILABLE and not b.x.is_cuda and b.x.dtype == torch.float32
-                            and b.x.device.type == "cpu")
+        return self.derived("compiled", lambda b: kernels.AVAILABLE and b.x.device.type == "cpu"
+                            and b.x.dtype == torch.float32)
 
     def window_rows(self) -> list[tuple[int, slice]]:
         """(window, its rows) for each window of the batch, in order."""

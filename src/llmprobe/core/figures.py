@@ -187,7 +187,7 @@ def _draw_all(tasks: list[tuple], directory: Path, fmt: str) -> Iterator[tuple[i
     with the command (:func:`start_workers`), else by new ones when that pays, else here."""
     stream = _STARTED.pop("stream", None)
     if stream is not None and (stream.directory != str(directory) or stream.fmt != fmt):
-        stream.discard()  # drawn early for another run: of no use here
+        stream.close()  # drawn early for another run: of no use here
         stream = None
     pool = None if stream is not None else _STARTED.pop("pool", None)
     if stream is None and pool is None:
@@ -233,7 +233,7 @@ def discard_early() -> None:
     that changed its mind): their staged files are removed and the workers stopped."""
     stream = _STARTED.pop("stream", None)
     if stream is not None:
-        stream.discard()
+        stream.close()
 
 
 _STARTED: dict[str, object] = {}
@@ -262,9 +262,8 @@ class _WorkerPool:
     """``count`` workers, started at once: one interpreter imports matplotlib and the modules
     ``warm`` and draws one throw-away figure, then forks the others (matplotlib is imported
     once, not once per worker; forking is safe there: the interpreter runs no threads, unlike
-    this process with torch's). Each worker has its own pair of pipes (tasks in, results out).
-    :meth:`run` feeds each one task at a time from a thread of this process (dynamic
-    balancing: a worker that finishes early takes the next figure) and then lets them exit."""
+    this process with torch's). Each worker has its own pair of pipes (tasks in, results out),
+    fed one task at a time by a :class:`_Stream`."""
 
     def __init__(self, count: int, warm: tuple[str, ...] = ()):
         import atexit
@@ -338,11 +337,11 @@ class _Stream:
         for thread in self._threads:
             thread.start()
 
-    def submit(self, task: tuple) -> int:
+    def submit(self, task: tuple, key: bytes | None = None) -> int:
         import pickle
 
         self.tasks.append(task)
-        self._keys.append(pickle.dumps(task))
+        self._keys.append(pickle.dumps(task) if key is None else key)
         self._todo.put(len(self.tasks) - 1)
         return len(self.tasks) - 1
 
@@ -351,11 +350,10 @@ class _Stream:
         import pickle
 
         key = pickle.dumps(task)
-        for ticket, known in enumerate(self._keys):
-            if ticket not in self._taken and known == key:
-                self._taken.add(ticket)
-                return ticket
-        ticket = self.submit(task)
+        ticket = next((ticket for ticket, known in enumerate(self._keys)
+                       if ticket not in self._taken and known == key), None)
+        if ticket is None:
+            ticket = self.submit(task, key)
         self._taken.add(ticket)
         return ticket
 
@@ -407,10 +405,12 @@ class _Stream:
             self._receive()
 
     def _stop_feeding(self) -> None:
+        import queue
+
         while True:  # drop what was not sent yet
             try:
                 self._todo.get_nowait()
-            except Exception:
+            except queue.Empty:
                 break
         self._todo.put(None)
 
@@ -427,9 +427,6 @@ class _Stream:
             for _, staged in files:
                 Path(staged).unlink(missing_ok=True)
         self._drawn.clear()
-
-    def discard(self) -> None:
-        self.close()
 
 
 def _warm_up(modules: list[str]) -> None:

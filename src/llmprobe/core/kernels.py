@@ -17,9 +17,9 @@ about 0.5 ms and 0.2 ms for the torch chains; inside a real forward pass, where 
 temporaries also evict the model's data, the gap is larger (docs/benchmarks.md).
 
 The sums are compiled by numba on first use (cached on disk, so later processes only load
-them; numba is imported only then), allowing reassociation: the compiler may split a sum into vector lanes, which changes the
-last bits of an fp64 sum of at most a few thousand terms and nothing else (no fused
-multiply-add, no assumption about NaN or inf). Where numba cannot be imported, :data:`AVAILABLE`
+them; numba is imported only then), allowing reassociation: the compiler may split a sum into
+vector lanes, which changes the last bits of an fp64 sum of at most a few thousand terms and
+nothing else (no fused multiply-add, no assumption about NaN or inf). Where numba cannot be imported, :data:`AVAILABLE`
 is False and callers use their torch path; both paths are tested against plain references.
 """
 
@@ -100,8 +100,13 @@ def _int_error_row_sse(x: np.ndarray, row_abs_max: np.ndarray, qmax: np.float32)
     return out
 
 
+def _array(values) -> np.ndarray:
+    """A CPU tensor's numpy view (no copy), or ``values`` as an array."""
+    return values.detach().numpy() if hasattr(values, "detach") else np.asarray(values)
+
+
 def _matrix(x) -> np.ndarray:
-    array = x.detach().numpy() if hasattr(x, "detach") else np.asarray(x)
+    array = _array(x)
     if array.ndim != 2 or array.dtype != np.float32:
         raise ValueError(f"expected a 2-D fp32 matrix, got {array.dtype} of shape {array.shape}")
     return np.ascontiguousarray(array)
@@ -121,8 +126,4 @@ def int_error_row_sse(x, bits: int, row_abs_max) -> np.ndarray:
     granularity="per-token")``); NaN and inf propagate as there."""
     function = _compiled(_int_error_row_sse) if AVAILABLE else _int_error_row_sse
     qmax = np.float32(2 ** (bits - 1) - 1)
-    return function(_matrix(x), np.ascontiguousarray(_vector(row_abs_max), dtype=np.float32), qmax)
-
-
-def _vector(values) -> np.ndarray:
-    return values.detach().numpy() if hasattr(values, "detach") else np.asarray(values)
+    return function(_matrix(x), np.ascontiguousarray(_array(row_abs_max), dtype=np.float32), qmax)

@@ -267,10 +267,7 @@ def reused_depth_figures(groups: Sequence[tuple[str, list[dict], str]], precisio
                 placeholder = [{"layer_index": index, **{f"alpha_{p}": -1e4 if index % 2 else 1e4 for p in precisions}}
                                for index in range(count)]
                 figure = alpha_vs_depth_figure(placeholder, precisions, alpha_label, "placeholder")
-                if len(figure.axes) > 1:
-                    figure.axes[1].set_ylim(-1.5e-5, 1.5e-5)  # sci-notation offset text laid out like the real ones
-                figure.draw_without_rendering()
-                _freeze_layout(figure)
+                _lay_out_once(figure)
                 built[count] = figure
             figure = built[count]
             _update_depth_lines(figure, members, precisions)
@@ -327,14 +324,20 @@ def _frozen_bar_figure(count: int, precisions: Sequence[str], alpha_label: str, 
     figure, axes = _new_figure(_width(count, 0.12 * len(precisions) + 0.15), len(precisions) > 1)
     _grouped_bars(axes, placeholder, precisions, alpha_label)
     axes[0].set_title("title", fontsize=10)
-    if len(axes) > 1:
-        axes[1].set_ylim(-1.5e-5, 1.5e-5)  # sci-notation offset text laid out like the real ones
-    figure.draw_without_rendering()  # constrained layout runs here, once, against the widest labels
-    _freeze_layout(figure)
+    _lay_out_once(figure)
     containers = list(axes[0].containers)
     delta_containers = list(axes[1].containers) if len(axes) > 1 else []
     step = max(1, math.ceil(count / MAX_TICK_LABELS))
     return figure, axes, containers, delta_containers, step
+
+
+def _lay_out_once(figure: Figure) -> None:
+    """Run the constrained layout of a figure drawn with placeholder values as wide as any real
+    label, then freeze it for the figures drawn on it after."""
+    if len(figure.axes) > 1:
+        figure.axes[1].set_ylim(-1.5e-5, 1.5e-5)  # sci-notation offset text laid out like the real ones
+    figure.draw_without_rendering()  # the layout runs here, once
+    _freeze_layout(figure)
 
 
 def _freeze_layout(figure: Figure) -> None:
@@ -432,16 +435,16 @@ class FigureStreamer:
     def __init__(self, plans: Sequence, precisions: Sequence[str], o):
         self.position = {plan.name: index for index, plan in enumerate(plans)}
         self.total, self.precisions, self.options = len(plans), list(precisions), o
-        self.rows: dict[int, dict] = {}
+        self.arrived: dict[int, dict] = {}
+        self.prefix: list[dict] = []  # the rows in model order up to the first one still missing
         self.sent = 0
 
     def ready(self, done: Sequence) -> list[tuple[str, DeferredSet]]:
         for row in done:
-            self.rows[self.position[row.layer_name]] = row.row()
-        prefix = []
-        while len(prefix) in self.rows:
-            prefix.append(self.rows[len(prefix)])
-        tasks = combined_batch_tasks(prefix, self.total, self.precisions, self.options)
+            self.arrived[self.position[row.layer_name]] = row.row()
+        while len(self.prefix) in self.arrived:
+            self.prefix.append(self.arrived.pop(len(self.prefix)))
+        tasks = combined_batch_tasks(self.prefix, self.total, self.precisions, self.options)
         new, self.sent = tasks[self.sent:], len(tasks)
         return new
 
