@@ -29,23 +29,35 @@ def _activation(rows: int, features: int, offset: float = 0.0, seed: int = 0) ->
 @pytest.mark.parametrize("features", [1, 7, 64, 193])
 def test_activation_sums_match_a_plain_fp64_loop(offset, features):
     x = _activation(9, features, offset)
-    shifts = np.linspace(offset - 1.0, offset + 1.0, 9)
-    rows, columns = kernels.activation_sums(x, shifts)
+    x[7] += 40.0  # windows of different means: each is shifted by its own
+    starts = [0, 4, 7]  # windows of rows 0-3, 4-6 and 7-8
+    sums = kernels.activation_sums(x, starts)
     values = x.double().numpy()
-    for row in range(9):
-        d = values[row] - shifts[row]
-        expected = [d.sum(), (d ** 2).sum(), (d ** 3).sum(), (d ** 4).sum(), (values[row] ** 2).sum()]
-        np.testing.assert_allclose(rows[row], expected, rtol=1e-12, atol=1e-12 * np.abs(d).max() ** 4)
-    np.testing.assert_allclose(columns, (values ** 2).sum(axis=0), rtol=1e-13)
+    bounds = starts + [9]
+    for window in range(3):
+        part = values[bounds[window]:bounds[window + 1]]
+        assert sums.window_shift[window] == pytest.approx(part.mean(), rel=1e-13, abs=1e-13)
+        for row in range(bounds[window], bounds[window + 1]):
+            d = values[row] - sums.window_shift[window]
+            expected = [d.sum(), (d ** 2).sum(), (d ** 3).sum(), (d ** 4).sum(), (values[row] ** 2).sum()]
+            np.testing.assert_allclose(sums.rows[row], expected, rtol=1e-12, atol=1e-12 * np.abs(d).max() ** 4)
+    np.testing.assert_allclose(sums.column_sum_sq, (values ** 2).sum(axis=0), rtol=1e-13)
+
+
+def test_a_window_with_nan_or_inf_gets_no_shift():
+    x = _activation(4, 5)
+    x[1, 2] = float("inf")
+    sums = kernels.activation_sums(x, [0, 2])
+    assert sums.window_shift[0] == 0.0  # its sums are not finite: callers take their torch path
+    assert sums.window_shift[1] == pytest.approx(x[2:].double().mean().item(), rel=1e-13)
 
 
 def test_compiled_kernels_equal_their_python_source():
     x = _activation(5, 33, 1.0)
-    shifts = np.full(5, 1.0)
-    compiled_rows, compiled_columns = kernels.activation_sums(x, shifts)
-    plain_rows, plain_columns = kernels._activation_sums(x.numpy(), shifts)
-    np.testing.assert_allclose(compiled_rows, plain_rows, rtol=1e-13)
-    np.testing.assert_allclose(compiled_columns, plain_columns, rtol=1e-13)
+    compiled = kernels.activation_sums(x, [0, 2])
+    plain = kernels._activation_sums(x.numpy(), np.array([0, 2, 5]))
+    for got, expected in zip((compiled.rows, compiled.column_sum_sq, compiled.window_shift), plain):
+        np.testing.assert_allclose(got, expected, rtol=1e-13)
     absmax = x.abs().amax(dim=1)
     np.testing.assert_allclose(kernels.int_error_row_sse(x, 4, absmax),
                                kernels._int_error_row_sse(x.numpy(), absmax.numpy(), np.float32(7.0)), rtol=1e-13)
@@ -66,9 +78,9 @@ def test_int_error_row_sse_matches_fake_quant_int(bits):
 
 def test_kernels_refuse_what_they_were_not_written_for():
     with pytest.raises(ValueError, match="fp32"):
-        kernels.activation_sums(torch.zeros(2, 3, dtype=torch.float64), np.zeros(2))
+        kernels.activation_sums(torch.zeros(2, 3, dtype=torch.float64), [0])
     with pytest.raises(ValueError, match="2-D"):
-        kernels.activation_sums(torch.zeros(6), np.zeros(6))
+        kernels.activation_sums(torch.zeros(6), [0])
 
 
 def _batch(x: torch.Tensor, windows: list[int]) -> Batch:
@@ -131,5 +143,5 @@ def test_kernels_work_without_a_writable_cache_location(monkeypatch):
     monkeypatch.setattr(caching.CacheImpl, "_locator_classes", [])
     monkeypatch.setattr(kernels, "_COMPILED", {})
     x = _activation(3, 5)
-    rows, columns = kernels.activation_sums(x, np.zeros(3))
-    np.testing.assert_allclose(columns, (x.double().numpy() ** 2).sum(axis=0), rtol=1e-13)
+    sums = kernels.activation_sums(x, [0])
+    np.testing.assert_allclose(sums.column_sum_sq, (x.double().numpy() ** 2).sum(axis=0), rtol=1e-13)

@@ -19,14 +19,12 @@ under their shared ``input_group`` key; everything else is keyed by module name.
 from __future__ import annotations
 
 import ctypes
-import math
 import re
 import sys
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-import numpy as np
 import torch
 
 from . import distributed, kernels, progress
@@ -98,6 +96,10 @@ class Batch:
         """[T] fp32 max|x| over each token's features."""
         return self.derived("row_abs_max", lambda b: b.abs().amax(dim=1))
 
+    def channel_abs_max(self) -> torch.Tensor:
+        """[F] fp32 max|x| over the batch's tokens."""
+        return self.derived("channel_abs_max", lambda b: b.abs().amax(dim=0))
+
     def square(self) -> torch.Tensor:
         """[T, F] fp32 x² (a workspace matrix: valid for this batch only)."""
         return self.derived("square", lambda b: torch.mul(b.x, b.x, out=b.scratch("square")))
@@ -113,10 +115,11 @@ class Batch:
         """(window, its rows) for each window of the batch, in order."""
         return self.derived("window rows", _window_rows)
 
-    def power_sums(self) -> PowerSums:
-        """Compiled batches only: the one-pass sums of :func:`llmprobe.core.kernels.activation_sums`
-        with each window's rows shifted by that window's mean (to fp32 rounding)."""
-        return self.derived("power sums", _power_sums)
+    def power_sums(self) -> kernels.ActivationSums:
+        """Compiled batches only: the one-pass sums of :func:`llmprobe.core.kernels.activation_sums`,
+        each window shifted by its own mean (windows as in :meth:`window_rows`)."""
+        return self.derived("power sums", lambda b: kernels.activation_sums(
+            b.x, [rows.start for _, rows in b.window_rows()]))
 
     def row_sum_sq(self) -> torch.Tensor:
         """[T] fp64 Σx² over each token's features: summed in fp64 on compiled batches, else
@@ -133,13 +136,6 @@ class Batch:
         return self.derived("channel sum sq", lambda b: b.square().sum(dim=0).to(torch.float64))
 
 
-@dataclass
-class PowerSums:
-    rows: np.ndarray            # [T, 5] fp64: Σd, Σd², Σd³, Σd⁴ (d = x − window shift), Σx²
-    window_shifts: list[float]  # one per window, in Batch.window_rows order
-    column_sum_sq: np.ndarray   # [F] fp64 Σx²
-
-
 def _window_rows(batch: Batch) -> list[tuple[int, slice]]:
     window_ids, counts = torch.unique_consecutive(batch.window, return_counts=True)
     rows, start = [], 0
@@ -147,21 +143,6 @@ def _window_rows(batch: Batch) -> list[tuple[int, slice]]:
         rows.append((window, slice(start, start + count)))
         start += count
     return rows
-
-
-def _power_sums(batch: Batch) -> PowerSums:
-    shifts, row_shift = [], np.empty(batch.x.shape[0], dtype=np.float64)
-    for _, rows in batch.window_rows():
-        part = batch.x[rows]
-        count = max(1, part.numel())
-        shift = float(part.sum()) / count  # fp32: only needs to be near the mean
-        if not math.isfinite(shift):  # an fp32 overflow, or NaN/inf values (then the sums say so)
-            shift = float(part.sum(dtype=torch.float64)) / count
-            shift = shift if math.isfinite(shift) else 0.0
-        shifts.append(shift)
-        row_shift[rows] = shift
-    rows, columns = kernels.activation_sums(batch.x, row_shift)
-    return PowerSums(rows, shifts, columns)
 
 
 class Collector(Protocol):

@@ -172,7 +172,7 @@ def window_moments(batch: Batch) -> list[tuple[int, Moments, float]]:
         if sums is not None:
             window_sums = sums.rows[rows, :4].sum(axis=0)
             if np.isfinite(window_sums).all():
-                moments = moments_from_power_sums(float(batch.x[rows].numel()), sums.window_shifts[index],
+                moments = moments_from_power_sums(float(batch.x[rows].numel()), float(sums.window_shift[index]),
                                                   *window_sums.tolist())
         if moments is None:  # another device, or NaN/inf values (whose mean the torch path keeps)
             moments = _exact_moments(batch.x[rows], batch.workspace)
@@ -329,7 +329,7 @@ class ChannelCollector:
             return
         self._count[key] += x.shape[0]
         self._sum_sq[key] += batch.channel_sum_sq()
-        torch.maximum(self._abs_max[key], batch.derived("channel abs max", lambda b: b.abs().amax(dim=0)),
+        torch.maximum(self._abs_max[key], batch.channel_abs_max(),
                       out=self._abs_max[key])
 
     def keys(self) -> list[str]:
