@@ -173,7 +173,9 @@ def test_figures_drawn_while_the_analysis_runs_are_not_drawn_again(tmp_path, mon
     figures.start_workers(warm=("llmprobe.plots.alpha_hill",))
     rows = [types.SimpleNamespace(layer_name=r["layer_name"], row=(lambda r=r: dict(r))) for r in _alpha_rows()]
     options = types.SimpleNamespace(fit="hill", max_layers_per_plot=4, individual_plots=True)
-    streamer = FigureStreamer([types.SimpleNamespace(name=r.layer_name) for r in rows], ["fp32", "fp16"], options)
+    plans = [types.SimpleNamespace(name=r["layer_name"], layer_index=r["layer_index"], category=r["category"])
+             for r in _alpha_rows()]
+    streamer = FigureStreamer(plans, ["fp32", "fp16"], options)
     with RunOutput(tmp_path / "early", command="test") as run:
         early = []
         for start in range(0, len(rows), 5):  # chunks of 5 rows finish one after the other
@@ -194,7 +196,7 @@ def test_figures_drawn_while_the_analysis_runs_are_not_drawn_again(tmp_path, mon
 
 def test_figures_drawn_early_for_a_run_that_fails_leave_no_files(tmp_path, monkeypatch):
     from llmprobe.core import figures
-    from llmprobe.plots.alpha_hill import combined_batch_tasks
+    from llmprobe.plots.alpha_hill import combined_batch_tasks, longest_label
 
     monkeypatch.setenv("LLMPROBE_FIGURE_WORKERS", "2")
     figures.start_workers()
@@ -202,7 +204,8 @@ def test_figures_drawn_early_for_a_run_that_fails_leave_no_files(tmp_path, monke
     rows = _alpha_rows()
     with pytest.raises(RuntimeError, match="analysis failed"):
         with RunOutput(tmp_path / "failed", command="test") as run:
-            figures.draw_early(run.dir, "png", combined_batch_tasks(rows, len(rows), ["fp32", "fp16"], options))
+            figures.draw_early(run.dir, "png", combined_batch_tasks(rows, len(rows), ["fp32", "fp16"], options,
+                                                                  longest_label(rows)))
             try:
                 raise RuntimeError("analysis failed")
             finally:

@@ -554,17 +554,20 @@ def prepare_job(job):
 
 
 def alpha_hill_job(job):
+    from ..core.figures import cores_beside_workers
     from ..plots.alpha_hill import FigureStreamer
     from ..session import Result
 
     o = job.options
     chosen = parse_precisions(o.precisions)
-    # The combined-batch figures of the first matrices are drawn while the rest are computed.
+    # The combined-batch figures of the first matrices are drawn while the rest are computed,
+    # on the cores the spectra leave to the figure workers.
     streamer = FigureStreamer(job.state["plans"], chosen, o)
-    rows, summary = alpha_hill_analysis(job.weights, chosen, k_frac=o.k_frac, regex=o.filter,
-                                        device=job.state["device"], load_dtype=o.load_dtype, fit=o.fit,
-                                        spectrum_dtype=o.spectrum_dtype,
-                                        on_rows=lambda done: job.draw_early(streamer.ready(done)))
+    with cores_beside_workers():
+        rows, summary = alpha_hill_analysis(job.weights, chosen, k_frac=o.k_frac, regex=o.filter,
+                                            device=job.state["device"], load_dtype=o.load_dtype, fit=o.fit,
+                                            spectrum_dtype=o.spectrum_dtype,
+                                            on_rows=lambda done: job.draw_early(streamer.ready(done)))
     flagged = {status: sum(row.status == status for row in rows) for status in ("non_finite", "nan_alpha")}
     result = Result(tables={RESULTS_TABLE: rows, SUMMARY_TABLE: summary},
                     manifest={"precisions": chosen, "device": str(job.state["device"]),

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 # Per-matrix figures drawn by one worker call (each call reuses one Figure for its chunk).
 INDIVIDUAL_CHUNK = 24
-BAR_CHUNK = 8
+BAR_CHUNK = 4  # category charts per worker call: the eight of a Llama model on two workers
 DEPTH_CHUNK = 4
 
 MAX_TICK_LABELS = 60
@@ -242,7 +242,7 @@ def alpha_vs_depth_figure(members: Sequence[dict], precisions: Sequence[str], al
             axes[1].plot(depth, values - reference, marker="o", markersize=3, linewidth=1.0,
                          color=_color(index))
     axes[0].set_ylabel(alpha_label)
-    axes[0].set_title(f"{alpha_label} vs depth — {category}", fontsize=10)
+    axes[0].set_title(f"{alpha_label} vs depth — {category}", fontsize=10, y=1.0)  # fixed: see _frozen_bar_figure
     axes[0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     if len(axes) > 1:
         axes[1].axhline(0.0, color="black", linewidth=0.6)
@@ -258,24 +258,20 @@ def reused_depth_figures(groups: Sequence[tuple[str, list[dict], str]], precisio
     """:func:`alpha_vs_depth_figure` for each of ``groups`` ((stem, members, category) each),
     drawn on one Figure per distinct member count whose lines, limits and title are updated: the
     constrained layout (half the cost of such a figure) runs once, against placeholder values as
-    wide as any tick label, and is then frozen, as for the bar charts."""
-    built: dict[int, tuple] = {}
-    try:
-        for stem, members, category in groups:
-            count = len(members)
-            if count not in built:
-                placeholder = [{"layer_index": index, **{f"alpha_{p}": -1e4 if index % 2 else 1e4 for p in precisions}}
-                               for index in range(count)]
-                figure = alpha_vs_depth_figure(placeholder, precisions, alpha_label, "placeholder")
-                _lay_out_once(figure)
-                built[count] = figure
-            figure = built[count]
-            _update_depth_lines(figure, members, precisions)
-            figure.axes[0].set_title(f"{alpha_label} vs depth — {category}", fontsize=10)
-            yield stem, figure, {"tight": False, "close": False}
-    finally:
-        for figure in built.values():
-            figure.clear()
+    wide as any tick label, and is then frozen, as for the bar charts (and kept by the process
+    for its next calls, like them)."""
+    for stem, members, category in groups:
+        key = ("depth", len(members), tuple(precisions), alpha_label)
+        if key not in _FROZEN_LAYOUTS:
+            placeholder = [{"layer_index": index, **{f"alpha_{p}": -1e4 if index % 2 else 1e4 for p in precisions}}
+                           for index in range(len(members))]
+            figure = alpha_vs_depth_figure(placeholder, precisions, alpha_label, "placeholder")
+            _lay_out_once(figure)
+            _FROZEN_LAYOUTS[key] = figure
+        figure = _FROZEN_LAYOUTS[key]
+        _update_depth_lines(figure, members, precisions)
+        figure.axes[0].set_title(f"{alpha_label} vs depth — {category}", fontsize=10, y=1.0)
+        yield stem, figure, {"tight": False, "close": False}
 
 
 def _update_depth_lines(figure: Figure, members: Sequence[dict], precisions: Sequence[str]) -> None:
@@ -294,28 +290,40 @@ def _update_depth_lines(figure: Figure, members: Sequence[dict], precisions: Seq
 
 
 def reused_bar_figures(groups: Sequence[tuple[str, list[dict], str]], precisions: Sequence[str],
-                       alpha_label: str) -> Iterator[tuple[str, Figure, dict]]:
+                       alpha_label: str, longest: str | None = None) -> Iterator[tuple[str, Figure, dict]]:
     """The grouped-bar figures of ``groups`` ((stem, rows, title) each), drawing one Figure per
     distinct row count and updating its bars, labels and limits for each group.
 
     Constrained layout costs as much as the drawing itself, and the combined batches all have
-    the same shape, so the layout is computed once per shape — against the longest tick label
-    of all groups, so no later label is clipped — and then frozen.
+    the same shape, so the layout is computed once per shape — against ``longest``, a tick label
+    at least as wide as any (default: the longest of these groups), so no later label is clipped
+    — and then frozen. The frozen figures stay with the process (a figure worker) for its next
+    calls with the same shape and label: every combined batch of a run is drawn on one layout.
     """
-    longest = max((short_label(row) for _, rows, _ in groups for row in rows), key=len, default="")
-    built: dict[int, tuple] = {}
-    try:
-        for stem, rows, title in groups:
-            count = len(rows)
-            if count not in built:
-                built[count] = _frozen_bar_figure(count, precisions, alpha_label, longest)
-            figure, axes, containers, delta_containers, step = built[count]
-            _update_bars(axes, containers, delta_containers, rows, precisions, step)
-            axes[0].set_title(title, fontsize=10)
-            yield stem, figure, {"tight": False, "close": False}
-    finally:
-        for figure, *_ in built.values():
-            figure.clear()
+    if longest is None:
+        longest = max((short_label(row) for _, rows, _ in groups for row in rows), key=len, default="")
+    for stem, rows, title in groups:
+        key = (len(rows), tuple(precisions), alpha_label, longest)
+        if key not in _FROZEN_LAYOUTS:
+            _FROZEN_LAYOUTS[key] = _frozen_bar_figure(len(rows), precisions, alpha_label, longest)
+        figure, axes, containers, delta_containers, step = _FROZEN_LAYOUTS[key]
+        _update_bars(axes, containers, delta_containers, rows, precisions, step)
+        axes[0].set_title(title, fontsize=10, y=1.0)
+        yield stem, figure, {"tight": False, "close": False}
+
+
+# Frozen layouts kept by this process (see reused_bar_figures and reused_depth_figures); a
+# handful of figures per run.
+_FROZEN_LAYOUTS: dict[tuple, object] = {}
+
+
+def longest_label(rows: Sequence) -> str:
+    """The longest :func:`short_label` of ``rows`` (dicts, or matrix plans with ``name``,
+    ``layer_index`` and ``category``)."""
+    labels = (short_label(row if isinstance(row, dict) else
+                          {"layer_index": row.layer_index, "category": row.category, "layer_name": row.name})
+              for row in rows)
+    return max(labels, key=len, default="")
 
 
 def _frozen_bar_figure(count: int, precisions: Sequence[str], alpha_label: str, longest: str) -> tuple:
@@ -323,7 +331,11 @@ def _frozen_bar_figure(count: int, precisions: Sequence[str], alpha_label: str, 
                                                               "layer_index": None} for _ in range(count)]
     figure, axes = _new_figure(_width(count, 0.12 * len(precisions) + 0.15), len(precisions) > 1)
     _grouped_bars(axes, placeholder, precisions, alpha_label)
-    axes[0].set_title("title", fontsize=10)
+    # A title at a fixed height: matplotlib would otherwise search every axis's decorations
+    # for overlaps at each draw (~15% of drawing such a figure); nothing sits above these axes.
+    axes[0].set_title("title", fontsize=10, y=1.0)
+    # No x label: skip placing one against the tick labels' boxes at every draw.
+    axes[-1].xaxis.set_label_coords(0.5, 0.0)
     _lay_out_once(figure)
     containers = list(axes[0].containers)
     delta_containers = list(axes[1].containers) if len(axes) > 1 else []
@@ -405,11 +417,13 @@ def _label(o) -> str:
     return "Alpha-Hill" if o.fit == "hill" else "alpha (power-law fit)"
 
 
-def combined_batch_tasks(rows: Sequence[dict], total: int, precisions: Sequence[str], o) -> list[tuple[str, DeferredSet]]:
+def combined_batch_tasks(rows: Sequence[dict], total: int, precisions: Sequence[str], o,
+                         longest: str) -> list[tuple[str, DeferredSet]]:
     """The combined-batch figures (seed 001: ``--max-layers-per-plot`` matrices each, in model
     order) whose rows are all in ``rows`` — the first rows of ``total`` in model order — as
-    worker calls of :data:`BATCHES_PER_TASK` batches. A call is described the same whether it is
-    made from the first rows (while the rest are computed) or from all of them."""
+    worker calls of :data:`BATCHES_PER_TASK` batches, laid out for the tick label ``longest`` (of
+    all ``total`` matrices). A call is described the same whether it is made from the first rows
+    (while the rest are computed) or from all of them."""
     label = _label(o)
     size = total if o.max_layers_per_plot <= 0 else o.max_layers_per_plot
     size = max(size, 1)
@@ -423,7 +437,7 @@ def combined_batch_tasks(rows: Sequence[dict], total: int, precisions: Sequence[
         groups = [(f"plots/combined_batch_{first + offset + 1}", list(rows[start:min(start + size, total)]),
                    f"{label} by precision — matrices {start + 1}–{min(start + size, total)} of {total}")
                   for offset, start in enumerate(chunk)]
-        tasks.append(("plots", DeferredSet(f"{__name__}:reused_bar_figures", (groups, list(precisions), label))))
+        tasks.append(("plots", DeferredSet(f"{__name__}:reused_bar_figures", (groups, list(precisions), label, longest))))
     return tasks
 
 
@@ -435,6 +449,7 @@ class FigureStreamer:
     def __init__(self, plans: Sequence, precisions: Sequence[str], o):
         self.position = {plan.name: index for index, plan in enumerate(plans)}
         self.total, self.precisions, self.options = len(plans), list(precisions), o
+        self.longest = longest_label(plans)
         self.arrived: dict[int, dict] = {}
         self.prefix: list[dict] = []  # the rows in model order up to the first one still missing
         self.sent = 0
@@ -444,7 +459,7 @@ class FigureStreamer:
             self.arrived[self.position[row.layer_name]] = row.row()
         while len(self.prefix) in self.arrived:
             self.prefix.append(self.arrived.pop(len(self.prefix)))
-        tasks = combined_batch_tasks(self.prefix, self.total, self.precisions, self.options)
+        tasks = combined_batch_tasks(self.prefix, self.total, self.precisions, self.options, self.longest)
         new, self.sent = tasks[self.sent:], len(tasks)
         return new
 
@@ -471,7 +486,7 @@ def alpha_hill_figures(result, o):
                        f"{label} by precision — {category} ({len(members)} matrices)"))
     for start in range(0, len(groups), BAR_CHUNK):
         yield "plots", DeferredSet(f"{here}:reused_bar_figures", (groups[start:start + BAR_CHUNK], precisions, label))
-    yield from combined_batch_tasks(rows, len(rows), precisions, o)
+    yield from combined_batch_tasks(rows, len(rows), precisions, o, longest_label(rows))
     depth = [(f"plots/alpha_vs_depth_{_file_part(category)}", members, category)
              for category, members in _depth_categories(rows).items()]
     for start in range(0, len(depth), DEPTH_CHUNK):
