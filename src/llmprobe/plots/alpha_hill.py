@@ -28,8 +28,7 @@ if TYPE_CHECKING:
 
 # Per-matrix figures drawn by one worker call (each call reuses one Figure for its chunk).
 INDIVIDUAL_CHUNK = 24
-BAR_CHUNK = 4  # category charts per worker call: the eight of a Llama model on two workers
-DEPTH_CHUNK = 4
+DEPTH_CHUNK = 1  # depth figures per worker call: one, as the category charts
 
 MAX_TICK_LABELS = 60
 _COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
@@ -475,17 +474,19 @@ def alpha_hill_figures(result, o):
     here = __name__
     yield "plots/alpha_distribution_by_precision", Deferred(f"{here}:alpha_distribution_figure",
                                                             (rows, precisions, label))
-    # Category bar charts: redrawn in place on a few reused figures, in chunks so that several
-    # workers share them.
-    groups: list[tuple[str, list[dict], str]] = []
+    # Category bar charts, one per worker call so that the workers share the last figures
+    # evenly; charts with the same number of bars share one layout in each worker, laid out for
+    # the longest label among them.
     categories: dict[str, list[dict]] = {}
     for row in rows:
         categories.setdefault(str(row["category"]), []).append(row)
+    longest: dict[int, str] = {}
+    for members in categories.values():
+        longest[len(members)] = max(longest.get(len(members), ""), longest_label(members), key=len)
     for category, members in categories.items():
-        groups.append((f"plots/category_{_file_part(category)}", members,
-                       f"{label} by precision — {category} ({len(members)} matrices)"))
-    for start in range(0, len(groups), BAR_CHUNK):
-        yield "plots", DeferredSet(f"{here}:reused_bar_figures", (groups[start:start + BAR_CHUNK], precisions, label))
+        group = (f"plots/category_{_file_part(category)}", members,
+                 f"{label} by precision — {category} ({len(members)} matrices)")
+        yield "plots", DeferredSet(f"{here}:reused_bar_figures", ([group], precisions, label, longest[len(members)]))
     yield from combined_batch_tasks(rows, len(rows), precisions, o, longest_label(rows))
     depth = [(f"plots/alpha_vs_depth_{_file_part(category)}", members, category)
              for category, members in _depth_categories(rows).items()]
