@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -380,3 +384,88 @@ def test_end_to_end_on_the_embedded_model(cli, tmp_path):
     assert q["alpha_fp32"] == pytest.approx(reference_hill(reference_eigenvalues(weight))[0], rel=1e-9)
     assert not (out / "plots" / "individual_layers").exists()  # seed 001's per-matrix bars: --individual-plots
     assert len(list((out / "plots").glob("combined_batch_*.png"))) == 2
+
+
+# --------------------------------------------------------------------------- the torch-free CPU path
+
+
+def _both_paths(monkeypatch, source, precisions, **kwargs):
+    """The same analysis through numpy arrays (the CPU default where it applies) and through
+    torch tensors."""
+    from llmprobe.analyses import alpha_hill
+
+    arrays = alpha_hill_analysis(source, precisions, **kwargs)
+    monkeypatch.setattr(alpha_hill, "_reads_arrays", lambda *args, **kw: False)
+    tensors = alpha_hill_analysis(source, precisions, **kwargs)
+    monkeypatch.undo()
+    return arrays, tensors
+
+
+@pytest.mark.parametrize("precisions", [("fp32",), ("fp32", "fp16", "fp64"), ("fp16",)])
+def test_the_array_path_gives_the_torch_paths_bits(monkeypatch, tmp_path, precisions):
+    """fp32 and fp64 spectra, fp16 rounding with an overflow, a NaN matrix, the embedding: every
+    column of every row is the same number either way."""
+    model_dir = save_tiny_model_dir("llama", tmp_path / "model")
+    file = model_dir / "model.safetensors"
+    tensors = load_file(str(file))
+    tensors["model.layers.0.mlp.up_proj.weight"][0, 0] = 1e6  # beyond fp16's 65504
+    tensors["model.layers.1.self_attn.v_proj.weight"][3, 5] = float("nan")
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    ws = WeightSource.open(str(model_dir))
+    from llmprobe.analyses.alpha_hill import _reads_arrays, select_matrices
+
+    assert _reads_arrays(ws, select_matrices(ws, "weight"), "cpu", "fp32", precisions, "hill")
+    (rows, summary), (torch_rows, torch_summary) = _both_paths(monkeypatch, ws, precisions, regex="weight",
+                                                               device="cpu")
+    assert len(rows) == 16 and any(row.status != "ok" for row in rows)
+    assert [row.model_dump() for row in rows] == [row.model_dump() for row in torch_rows]
+    assert [s.model_dump() for s in summary] == [s.model_dump() for s in torch_summary]
+
+
+def test_the_array_path_is_taken_only_where_it_gives_the_same_numbers(llama_dir):
+    from llmprobe.analyses.alpha_hill import _reads_arrays, select_matrices
+    from llmprobe.core import devices
+
+    ws = WeightSource.open(str(llama_dir))
+    plans = select_matrices(ws)
+    assert _reads_arrays(ws, plans, "cpu", "fp32", ["fp32", "fp16", "fp64"], "hill")
+    assert not _reads_arrays(ws, plans, "cpu", "fp32", ["fp32", "bf16"], "hill")  # bf16 rounds in torch
+    assert not _reads_arrays(ws, plans, "cpu", "fp32", ["int8"], "hill")
+    assert not _reads_arrays(ws, plans, "cpu", "fp16", ["fp32"], "hill")  # a load cast
+    assert not _reads_arrays(ws, plans, "cpu", "fp32", ["fp32"], "powerlaw")  # the svdvals guard
+    assert not _reads_arrays(ws, plans, "cuda", "fp32", ["fp32"], "hill")
+    auto = _reads_arrays(ws, plans, "auto", "fp32", ["fp32"], "hill")
+    assert auto == (not devices.gpu_driver_present())
+
+
+def test_a_bf16_checkpoint_takes_the_torch_path(tmp_path):
+    model_dir = save_tiny_model_dir("llama", tmp_path / "bf16")
+    file = model_dir / "model.safetensors"
+    save_file({name: t.to(torch.bfloat16) for name, t in load_file(str(file)).items()}, str(file),
+              metadata={"format": "pt"})
+    ws = WeightSource.open(str(model_dir))
+    from llmprobe.analyses.alpha_hill import _reads_arrays, select_matrices
+
+    assert ws.stored_dtype("model.layers.0.mlp.up_proj.weight") == "BF16"
+    assert not _reads_arrays(ws, select_matrices(ws), "cpu", "fp32", ["fp32"], "hill")
+    rows, _ = alpha_hill_analysis(ws, ["fp32"], device="cpu")
+    assert all(math.isfinite(row.alpha_fp32) for row in rows)
+
+
+def test_a_cpu_weight_command_does_not_import_torch(llama_dir, tmp_path):
+    """The second run on a checkpoint (the first keeps where its weights sit in the model) reads
+    arrays and never imports torch: ~2-3 s of every such command."""
+    script = ("import runpy, sys\n"
+              "sys.argv = ['llmprobe', *sys.argv[1:]]\n"
+              "try:\n    runpy.run_module('llmprobe', run_name='__main__')\n"
+              "except SystemExit as exit:\n    assert not exit.code, exit.code\n"
+              "print('torch imported:', 'torch' in sys.modules)\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    for run in ("first", "second"):
+        done = subprocess.run([sys.executable, "-c", script, "weights", "alpha-hill", "--model", str(llama_dir),
+                               "--precisions", "fp32,fp16", "--device", "cpu", "--out", str(tmp_path / run),
+                               "--quiet"], capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("torch imported: False"), done.stdout
+    first, second = (pd.read_csv(tmp_path / run / "precision_alpha_hill_results.csv") for run in ("first", "second"))
+    pd.testing.assert_frame_equal(first, second)

@@ -10,7 +10,9 @@ import torch
 
 from llmprobe.core.errors import LLMProbeError
 from llmprobe.core.quant import (
+    ARRAY_FORMATS,
     FORMATS,
+    cast_array,
     cast_to,
     fake_quant_fp8,
     fake_quant_int,
@@ -394,3 +396,19 @@ def test_fp4_e2m1_per_group_scales_absmax_to_six():
     assert torch.allclose(got.reshape(-1, 16), want, rtol=0, atol=1e-6)
     # every group's absmax survives exactly
     assert torch.allclose(got.reshape(-1, 16).abs().amax(dim=1), groups.abs().amax(dim=1))
+
+
+@pytest.mark.parametrize("fmt", ARRAY_FORMATS)
+def test_cast_array_is_cast_to_bit_for_bit(fmt):
+    """numpy's casts for the torch-free weight path: round-to-nearest-even, subnormals, overflow
+    to ±inf, NaN and signed zeros exactly as torch's."""
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(4000, generator=generator) * torch.logspace(-9, 6, 4000)
+    x[:6] = torch.tensor([65504.0, 65520.0, -1e6, float("nan"), -0.0, 6e-8])  # fp16 edges
+    got = cast_array(x.numpy(), fmt)
+    want = cast_to(x, fmt).numpy()
+    assert got.dtype == want.dtype
+    assert np.array_equal(got.view(np.uint64 if got.dtype == np.float64 else np.uint32),
+                          want.view(np.uint64 if want.dtype == np.float64 else np.uint32))
+    with pytest.raises(LLMProbeError, match="quantize"):
+        cast_array(x.numpy(), "bf16")

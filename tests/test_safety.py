@@ -790,3 +790,22 @@ def test_sigterm_cleans_up_like_an_interrupt(tmp_path, earlier_run, signum, code
     else:
         manifest = manifest_of(out)
         assert manifest["status"] == "incomplete" and manifest["error"] == error
+
+
+def test_the_cpu_is_known_without_torch_only_where_no_gpu_can_be(monkeypatch):
+    from llmprobe.core import devices
+
+    monkeypatch.setattr(devices, "gpu_driver_present", lambda: False)
+    assert devices.on_cpu_without_torch("cpu") and devices.on_cpu_without_torch(" Auto ")
+    assert devices.on_cpu_without_torch(None)
+    assert not devices.on_cpu_without_torch("cuda") and not devices.on_cpu_without_torch("tpu")
+    devices.check_device("auto")  # nothing to refuse
+    with pytest.raises(LLMProbeError, match="tpu"):
+        devices.check_device("tpu")  # anything else goes through resolve_device's checks
+    monkeypatch.setattr(devices, "gpu_driver_present", lambda: True)
+    assert devices.on_cpu_without_torch("cpu") and not devices.on_cpu_without_torch("auto")
+    assert devices.gpu_driver_present()
+    monkeypatch.undo()
+    # no GPU driver here means torch sees no CUDA device (the converse need not hold)
+    if not devices.gpu_driver_present():
+        assert not torch.cuda.is_available()

@@ -421,3 +421,26 @@ def test_symmetric_eigenvalues_equal_scipy_syev_bit_for_bit(dtype, scale):
         gram = (blas.ssyrk if dtype == np.float32 else blas.dsyrk)(1.0, W.T, trans=1, lower=1)
         expected = eigh(gram.copy(), lower=True, eigvals_only=True, driver="ev", check_finite=False)
         assert np.array_equal(_symmetric_eigenvalues(gram), expected)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp64"])
+def test_array_singular_values_are_the_batched_cpu_bits(dtype):
+    """The torch-free entry point: the same σ, bit for bit, as singular_values_batched on the CPU
+    (mixed shapes, a NaN matrix, an empty one, a tall one above the one-thread size)."""
+    generator = torch.Generator().manual_seed(3)
+    matrices = [torch.randn(shape, generator=generator) for shape in ((7, 5), (5, 7), (12, 12), (1100, 6))]
+    matrices.append(torch.full((4, 3), float("nan")))
+    matrices.append(torch.zeros(0, 3))
+    want = spectral.singular_values_batched(matrices, dtype=dtype, device="cpu", method="gram")
+    got = spectral.array_singular_values([m.numpy() for m in matrices], dtype=dtype)
+    for (sigma, method), (expected, expected_method) in zip(got, want):
+        assert method == expected_method and sigma.dtype == np.float64
+        np.testing.assert_array_equal(sigma, expected.numpy())
+
+
+def test_all_finite_on_arrays_and_tensors():
+    for values in ([1.0, 2.0], [3e38, 3e38], [1.0, float("inf")], [float("nan"), 1.0]):
+        array = np.array(values, dtype=np.float32)
+        assert spectral.all_finite(array) == spectral.all_finite(torch.from_numpy(array)) == bool(
+            np.isfinite(array).all())
+    assert spectral.all_finite(np.array([1, 2])) and spectral.all_finite(np.zeros(0, dtype=np.float32))

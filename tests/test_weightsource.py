@@ -269,3 +269,27 @@ def test_a_weight_command_with_a_cached_structure_does_not_import_transformers(t
     runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
             for _ in range(2)]
     assert runs == ["15 True\n", "15 False\n"]  # 2 x 7 block linears + the head; the first run builds it
+
+
+def test_weight_places_are_kept_as_data_and_read_back_without_the_module_map(tmp_path, monkeypatch):
+    """Where each weight sits (layer, role, model order, linear shape) is asked of the module map
+    once per checkpoint and names; later sources read the kept answer (no module map, no torch),
+    and a damaged entry is asked again."""
+    monkeypatch.setenv("LLMPROBE_CACHE", str(tmp_path / "cache"))
+    directory = save_tiny_model_dir("gpt2", tmp_path / "gpt2")  # Conv1D: transposed weights
+    first_source = WeightSource.open(str(directory))
+    names = first_source.select(None, min_dim=2, max_dim=2)
+    first = first_source.weight_places(names)
+    assert first == first_source.module_map.weight_places(names)
+    attn = first["transformer.h.0.attn.c_attn.weight"]
+    assert attn.layer == 0 and attn.linear is not None and attn.linear[2] is True  # stored [in, out]
+    assert first["transformer.wte.weight"].linear is None and first["transformer.wte.weight"].position is not None
+
+    later = WeightSource.open(str(directory))
+    monkeypatch.setattr(type(later), "module_map", property(lambda self: pytest.fail("module map built")))
+    assert later.weight_places(names) == first
+    monkeypatch.undo()
+    monkeypatch.setenv("LLMPROBE_CACHE", str(tmp_path / "cache"))
+    [kept] = (tmp_path / "cache" / "weight-places").glob("*.json")
+    kept.write_text("[1, 2")
+    assert WeightSource.open(str(directory)).weight_places(names) == first

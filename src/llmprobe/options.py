@@ -100,9 +100,9 @@ def check_constraints(name: str, field, value: Any) -> None:
     elif check == "layers" or (check == "layers_or_all" and str(value).strip().lower() != "all"):
         parse_layers(value, flag)
     elif check == "device":
-        from .core.devices import resolve_device  # imports torch: only when a command runs
+        from .core.devices import check_device  # torch only where the value may be a GPU
 
-        resolve_device(value, flag=flag)
+        check_device(value, flag=flag)
 
 
 class Options(BaseModel):

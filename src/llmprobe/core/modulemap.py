@@ -18,12 +18,15 @@ import re
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from .errors import LLMProbeError
 from .specs import compile_regex  # noqa: F401  (re-exported)
+
+if TYPE_CHECKING:  # torch is imported where a function needs it
+    import torch
+    from torch import nn
+
 
 ROLES = (
     "attn.q",
@@ -185,6 +188,7 @@ def _is_conv1d(module: nn.Module) -> bool:
 
 
 def _is_linear(module: nn.Module) -> bool:
+    from torch import nn
     return isinstance(module, nn.Linear) or _is_conv1d(module)
 
 
@@ -204,6 +208,17 @@ def _linear_shape(module: nn.Module) -> tuple[int, int]:
         return int(module.in_features), int(module.out_features)
     rows, cols = module.weight.shape
     return int(cols), int(rows)
+
+
+@dataclass(frozen=True)
+class WeightPlace:
+    """Where a checkpoint's weight sits in the model, as plain data (:meth:`ModuleMap.weight_places`)."""
+
+    layer: int | None
+    role: str
+    position: int | None  # index in the model's parameter order; None when the model has no such parameter
+    # (out_features, in_features, transposed) of the linear layer it is the weight of, else None
+    linear: tuple[int, int, bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -236,6 +251,7 @@ def _find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList | None]:
     Ranking by parameters (not child count) keeps nested lists such as MoE experts from beating
     the list of layers that contains them; ties go to the shallower list.
     """
+    from torch import nn
     best_key, best = None, ("", None)
     for path, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
@@ -254,6 +270,7 @@ _HEAD_NAMES = ("lm_head", "embed_out", "output")
 
 
 def output_head(model: nn.Module) -> nn.Module | None:
+    from torch import nn
     getter = getattr(model, "get_output_embeddings", None)
     if getter is None:
         return None
@@ -275,6 +292,7 @@ class ModuleMap:
     """Blocks, linear sites and parameter roles of one model, found from its structure."""
 
     def __init__(self, model: nn.Module):
+        from torch import nn
         self.model = model
         self.blocks_path, block_list = _find_blocks(model)
         self.blocks: list[nn.Module] = list(block_list) if block_list is not None else []
@@ -331,6 +349,7 @@ class ModuleMap:
         """Map a model built on the meta device from its config: names, shapes and roles without
         allocating weights. The class is ``model_class`` if given, else the one named in
         ``config.architectures``, else the causal-LM auto class, else the base auto class."""
+        import torch
         factory = model_class or _class_for_config(config, trust_remote_code)
         with torch.device("meta"):
             if hasattr(factory, "from_config"):
@@ -558,6 +577,28 @@ class ModuleMap:
                 return int(match.group(1))
         return None
 
+    def weight_places(self, names: Iterable[str]) -> dict[str, WeightPlace]:
+        """:class:`WeightPlace` of each checkpoint weight name, matched with and without the
+        base-model prefix (checkpoints saved from a bare base model lack ``model.``)."""
+        prefix = getattr(self.model, "base_model_prefix", "") or ""
+
+        def spellings(name: str) -> list[str]:
+            if not prefix:
+                return [name]
+            if name.startswith(prefix + "."):
+                return [name, name[len(prefix) + 1:]]
+            return [name, f"{prefix}.{name}"]
+
+        linears: dict[str, tuple[int, int, bool]] = {}
+        for site in self.linears:
+            for spelling in spellings(site.weight_name):
+                linears.setdefault(spelling, (site.out_features, site.in_features, site.transposed))
+        order: dict[str, int] = {}
+        for position, (param_name, _) in enumerate(self.model.named_parameters(remove_duplicate=False)):
+            for spelling in spellings(param_name):
+                order.setdefault(spelling, position)
+        return {name: WeightPlace(*self.param_info(name), order.get(name), linears.get(name)) for name in names}
+
     def census(self) -> list[dict]:
         """Module types with their count and up to three example paths, most frequent first."""
         by_type: dict[str, dict] = {}
@@ -610,10 +651,14 @@ def _class_for_config(config, trust_remote_code: bool):
 # prefix and the output head. It holds no weights and runs no forward pass.
 
 STRUCTURE_FORMAT = 1
-_BASES = {"linear": nn.Linear, "embedding": nn.Embedding, "modulelist": nn.ModuleList, "module": nn.Module}
+def _bases() -> dict:
+    from torch import nn
+
+    return {"linear": nn.Linear, "embedding": nn.Embedding, "modulelist": nn.ModuleList, "module": nn.Module}
 
 
 def _base_kind(module: nn.Module) -> str:
+    from torch import nn
     if isinstance(module, nn.Linear):
         return "linear"
     if isinstance(module, nn.Embedding):
@@ -667,9 +712,12 @@ def model_structure(model: nn.Module) -> dict:
 
 def skeleton_model(structure: dict) -> nn.Module:
     """A meta-device module tree rebuilt from :func:`model_structure` (the comment above)."""
+    import torch
+    from torch import nn
     if structure.get("format") != STRUCTURE_FORMAT:
         raise ValueError(f"module structure format {structure.get('format')!r}, expected {STRUCTURE_FORMAT}")
     classes: dict[tuple[str, str], type] = {}
+    bases = _bases()
     built: dict[str, nn.Module] = {}
     shared: dict[str, torch.Tensor] = {}
     head_path = structure.get("output_head")
@@ -693,7 +741,7 @@ def skeleton_model(structure: dict) -> nn.Module:
                     namespace["base_model_prefix"] = structure.get("base_model_prefix", "")
                     namespace["get_output_embeddings"] = (
                         lambda self: self.get_submodule(head_path) if head_path is not None else None)
-                classes[key] = type(entry["class"], (_BASES[entry["base"]],), namespace)
+                classes[key] = type(entry["class"], (bases[entry["base"]],), namespace)
             module = classes[key].__new__(classes[key])
             nn.Module.__init__(module)  # not the base's own __init__: it would allocate weights
             for name, value in entry["sizes"].items():

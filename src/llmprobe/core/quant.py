@@ -62,10 +62,14 @@ fp8 with a scale (:func:`fake_quant_fp8`)
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from .errors import LLMProbeError
+
+if TYPE_CHECKING:  # torch is imported where a function needs it
+    import torch
 
 INT_BITS_RANGE = range(2, 17)
 FLOAT_FORMATS = ("fp64", "fp32", "fp16", "bf16", "fp8_e4m3", "fp8_e5m2")
@@ -75,8 +79,7 @@ GRANULARITIES = ("per-tensor", "per-channel", "per-token", "per-group")
 FP8_GRANULARITIES = ("none",) + GRANULARITIES
 NF4_BLOCK_SIZE = 64
 
-_FP8_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
-_CAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, **_FP8_DTYPES}
+FP8_FORMATS = ("fp8_e4m3", "fp8_e5m2")
 _INT_FORMAT = re.compile(r"int(\d+)")
 _ACCEPTED_NAMES = "fp64, fp32, fp16, bf16, fp8_e4m3, fp8_e5m2, int2 … int16 (e.g. int8, int4), nf4, fp4_e2m1"
 # Non-negative E2M1 values; the odd entries have mantissa bit 1 (ties round away from them).
@@ -102,12 +105,21 @@ def parse_format(name: str) -> str:
     raise LLMProbeError(f"unknown format {name!r}; accepted: {_ACCEPTED_NAMES}")
 
 
+def _cast_dtype(fmt: str) -> torch.dtype:
+    """The torch dtype a float format rounds through (fp16, bf16 and the fp8 formats)."""
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp8_e4m3": torch.float8_e4m3fn,
+            "fp8_e5m2": torch.float8_e5m2}[fmt]
+
+
 def _int_bits(fmt: str) -> int | None:
     match = _INT_FORMAT.fullmatch(fmt)
     return int(match.group(1)) if match else None
 
 
 def _as_fp32(x: torch.Tensor) -> torch.Tensor:
+    import torch
     if not isinstance(x, torch.Tensor):
         raise LLMProbeError(f"expected a torch.Tensor, got {type(x).__name__}")
     return x.to(torch.float32)
@@ -115,17 +127,19 @@ def _as_fp32(x: torch.Tensor) -> torch.Tensor:
 
 def fp8_max(fmt: str) -> float:
     """Largest finite value of an fp8 format (448 for e4m3, 57344 for e5m2)."""
+    import torch
     fmt = parse_format(fmt)
-    if fmt not in _FP8_DTYPES:
+    if fmt not in FP8_FORMATS:
         raise LLMProbeError(f"{fmt!r} is not an fp8 format; use fp8_e4m3 or fp8_e5m2")
-    return float(torch.finfo(_FP8_DTYPES[fmt]).max)
+    return float(torch.finfo(_cast_dtype(fmt)).max)
 
 
 def _saturating_fp8_cast(x32: torch.Tensor, fmt: str) -> torch.Tensor:
     """fp32 -> fp8 -> fp32 with out-of-range values (±inf included) clamped to ±max; NaN stays NaN."""
+    import torch
     limit = fp8_max(fmt)
     # clamp() passes NaN through, so only finite overflow and ±inf are affected.
-    return x32.clamp(-limit, limit).to(_FP8_DTYPES[fmt]).to(torch.float32)
+    return x32.clamp(-limit, limit).to(_cast_dtype(fmt)).to(torch.float32)
 
 
 def cast_to(x: torch.Tensor, fmt: str) -> torch.Tensor:
@@ -134,6 +148,7 @@ def cast_to(x: torch.Tensor, fmt: str) -> torch.Tensor:
     fp16/bf16 are plain casts from the input dtype (one rounding, exactly torch's cast). fp8
     saturates to the format's largest finite value instead of producing NaN/inf (module docstring).
     """
+    import torch
     fmt = parse_format(fmt)
     if not isinstance(x, torch.Tensor):
         raise LLMProbeError(f"expected a torch.Tensor, got {type(x).__name__}")
@@ -142,12 +157,31 @@ def cast_to(x: torch.Tensor, fmt: str) -> torch.Tensor:
     if fmt == "fp32":
         return x.to(torch.float32)
     if fmt in ("fp16", "bf16"):
-        return x.to(_CAST_DTYPES[fmt]).to(torch.float32)
-    if fmt in _FP8_DTYPES:
+        return x.to(_cast_dtype(fmt)).to(torch.float32)
+    if fmt in FP8_FORMATS:
         return _saturating_fp8_cast(_as_fp32(x), fmt)
     raise LLMProbeError(
         f"cast_to handles floating formats only ({', '.join(FLOAT_FORMATS)}); use quantize() for {fmt!r}"
     )
+
+
+# Float formats whose round trip numpy does exactly as torch does (IEEE round-to-nearest-even;
+# fp16 overflow to ±inf): weight commands on the CPU convert plain arrays without torch.
+ARRAY_FORMATS = ("fp64", "fp32", "fp16")
+
+
+def cast_array(x: np.ndarray, fmt: str) -> np.ndarray:
+    """:func:`cast_to` for a numpy array and a format of :data:`ARRAY_FORMATS`: the same values
+    (tests compare the bits)."""
+    fmt = parse_format(fmt)
+    if fmt == "fp64":
+        return x.astype(np.float64)
+    if fmt == "fp32":
+        return x.astype(np.float32, copy=False)
+    if fmt == "fp16":
+        with np.errstate(over="ignore"):  # overflow to ±inf is the cast's meaning, as in torch
+            return x.astype(np.float16).astype(np.float32)
+    raise LLMProbeError(f"cast_array handles {', '.join(ARRAY_FORMATS)}; use quantize() for {fmt!r}")
 
 
 def _grouped(x32: torch.Tensor, granularity: str, group_size: int | None, axis: int):
@@ -205,6 +239,7 @@ def fake_quant_int(
     axis: int = -1,
 ) -> torch.Tensor:
     """Fake-quantize ``x`` onto a ``bits``-bit integer grid; fp32 result (definitions in the module docstring)."""
+    import torch
     bits = _check_bits(bits)
     x32 = _as_fp32(x)
     groups, restore = _grouped(x32, granularity, group_size, axis)
@@ -245,6 +280,7 @@ def symmetric_int_error_per_token(x: torch.Tensor, bits: int, row_abs_max: torch
     fresh [T, F] temporaries (each costing page faults, see core.collect.Workspace). Made for
     error statistics over many activations (activations quant-error).
     """
+    import torch
     bits = _check_bits(bits)
     qmax = float(2 ** (bits - 1) - 1)
     scale = (row_abs_max / qmax).unsqueeze(1)
@@ -265,6 +301,7 @@ def nf4_levels() -> torch.Tensor:
     is infinite); the paper/bitsandbytes use the mean of the outermost bin-centre offsets for 16
     and 15 bins: ``p_out = 1 - (1/(2·16) + 1/(2·15)) / 2 ≈ 0.9677083``.
     """
+    import torch
     outer_probability = 1.0 - 0.5 * (1.0 / 32.0 + 1.0 / 30.0)
     positive_probs = torch.linspace(outer_probability, 0.5, 9, dtype=torch.float64)[:-1]
     negative_probs = torch.linspace(outer_probability, 0.5, 8, dtype=torch.float64)[:-1]
@@ -282,6 +319,7 @@ def fake_quant_nf4(x: torch.Tensor, block_size: int = NF4_BLOCK_SIZE) -> torch.T
     A trailing partial block is padded with zeros for the absmax (zeros never raise it) and the
     padding is dropped afterwards. An all-zero block stays zero. fp32 result.
     """
+    import torch
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise LLMProbeError(f"nf4 block_size must be a positive integer, got {block_size!r}")
     x32 = _as_fp32(x)
@@ -314,8 +352,9 @@ def fake_quant_fp8(
 ) -> torch.Tensor:
     """fp8 round trip; ``granularity="none"`` is the saturating cast, anything else first scales each
     group so its absmax maps to the format's largest finite value. fp32 result."""
+    import torch
     fmt = parse_format(fmt)
-    if fmt not in _FP8_DTYPES:
+    if fmt not in FP8_FORMATS:
         raise LLMProbeError(f"{fmt!r} is not an fp8 format; use fp8_e4m3 or fp8_e5m2")
     if granularity not in FP8_GRANULARITIES:
         raise LLMProbeError(
@@ -335,6 +374,7 @@ def fake_quant_fp8(
 
 def _round_to_e2m1(x32: torch.Tensor) -> torch.Tensor:
     """Nearest E2M1 value, ties to even mantissa, |x| > 6 saturated to ±6; NaN stays NaN."""
+    import torch
     levels = torch.tensor(_E2M1_LEVELS, dtype=torch.float32, device=x32.device)
     midpoints = (levels[1:] + levels[:-1]) / 2
     magnitude = x32.abs().clamp(max=E2M1_MAX)
@@ -355,6 +395,7 @@ def fake_quant_fp4(
 ) -> torch.Tensor:
     """FP4 E2M1 round trip; ``granularity="none"`` snaps to the grid as is (saturating), anything
     else first scales each group so its absmax maps to 6. fp32 result."""
+    import torch
     if granularity not in FP8_GRANULARITIES:
         raise LLMProbeError(
             f"unknown fp4 granularity {granularity!r}; accepted: {', '.join(FP8_GRANULARITIES)}"
@@ -394,7 +435,7 @@ def quantize(
     fmt = parse_format(fmt)
     if fmt in ("fp64", "fp32", "fp16", "bf16"):
         return cast_to(x, fmt)
-    if fmt in _FP8_DTYPES:
+    if fmt in FP8_FORMATS:
         return fake_quant_fp8(x, fmt, granularity=granularity, group_size=group_size, axis=axis)
     if fmt == "nf4":
         return fake_quant_nf4(x, NF4_BLOCK_SIZE if group_size is None else group_size)

@@ -44,12 +44,17 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from .errors import LLMProbeError
+
+if TYPE_CHECKING:  # torch is imported where a function needs it
+    import torch
 
 GRAM_GUARD_FACTOR = 1e3
 DEFAULT_MAX_BATCH_BYTES = 1 << 30
@@ -66,7 +71,17 @@ NON_FINITE_METHOD = "non-finite"
 # --------------------------------------------------------------------------- decomposition
 
 
+def _dtype_name(dtype) -> str:
+    """"fp64" or "fp32" for any spelling :func:`_resolve_dtype` accepts, without torch for names."""
+    names = {"fp64": "fp64", "float64": "fp64", "fp32": "fp32", "float32": "fp32"}
+    if isinstance(dtype, str) and dtype.lower() in names:
+        return names[dtype.lower()]
+    return names[str(_resolve_dtype(dtype)).replace("torch.", "")]
+
+
 def _resolve_dtype(dtype) -> torch.dtype:
+    import torch
+
     aliases = {
         "fp64": torch.float64,
         "float64": torch.float64,
@@ -93,6 +108,7 @@ def _check_method(method: str) -> str:
 
 
 def _check_matrix(W) -> torch.Tensor:
+    import torch
     if isinstance(W, np.ndarray):
         W = torch.from_numpy(W)
     if not isinstance(W, torch.Tensor):
@@ -105,6 +121,7 @@ def _check_matrix(W) -> torch.Tensor:
 @contextlib.contextmanager
 def _ieee_fp32_matmul(device: torch.device):
     """Keep fp32 matmuls IEEE on CUDA even if the user enabled TF32 globally (restored on exit)."""
+    import torch
     if device.type != "cuda":
         yield
         return
@@ -116,8 +133,9 @@ def _ieee_fp32_matmul(device: torch.device):
         torch.set_float32_matmul_precision(previous)
 
 
-def _cpu_gram_singular_values(matrix: torch.Tensor) -> torch.Tensor:
-    """σ (descending) of one CPU matrix from its smaller Gram matrix, through BLAS/LAPACK directly.
+def gram_singular_values_array(array: np.ndarray) -> np.ndarray:
+    """σ (descending, in the array's dtype) of one C-ordered fp32 or fp64 numpy matrix, from its
+    smaller Gram matrix, through BLAS/LAPACK directly.
 
     ``syrk`` forms only one triangle of the Gram matrix (half the flops of a matmul) and ``syev``
     reads only that triangle; together ~1.5x faster than ``torch.linalg.eigvalsh(W @ W.T)`` on
@@ -126,13 +144,44 @@ def _cpu_gram_singular_values(matrix: torch.Tensor) -> torch.Tensor:
     """
     from scipy.linalg import blas
 
-    array = matrix.detach().contiguous().numpy()
     rows, cols = array.shape
     syrk = blas.dsyrk if array.dtype == np.float64 else blas.ssyrk
     # array.T is (cols, rows) and Fortran-ordered: trans=1 gives W Wᵀ, trans=0 gives Wᵀ W.
     gram = syrk(1.0, array.T, trans=1 if rows <= cols else 0, lower=1)
     eig = _symmetric_eigenvalues(gram)
-    return torch.from_numpy(np.sqrt(np.clip(eig, 0.0, None))[::-1].copy())
+    return np.sqrt(np.clip(eig, 0.0, None))[::-1].copy()
+
+
+def _cpu_gram_singular_values(matrix: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    return torch.from_numpy(gram_singular_values_array(matrix.detach().contiguous().numpy()))
+
+
+def array_singular_values(matrices: Sequence[np.ndarray], dtype: str = "fp64") -> list[tuple[np.ndarray, str]]:
+    """:func:`singular_values_batched` on the CPU with ``method="gram"`` for numpy matrices,
+    without torch: ``(σ descending as fp64, method_used)`` per matrix, ``"non-finite"`` with NaNs
+    for a matrix holding NaN/inf. Each matrix is converted to ``dtype`` ("fp32"/"fp64") and goes
+    through the same BLAS/LAPACK calls as there, so the numbers are the same bits (tested)."""
+    arithmetic = {"fp64": np.float64, "fp32": np.float32}[_dtype_name(dtype)]
+    results: list[tuple[np.ndarray, str]] = []
+    start = 0
+    while start < len(matrices):  # runs of matrices with the same BLAS thread rule, one limit each
+        small = min(matrices[start].shape) <= SINGLE_THREAD_MAX_SIDE
+        end = start + 1
+        while end < len(matrices) and (min(matrices[end].shape) <= SINGLE_THREAD_MAX_SIDE) == small:
+            end += 1
+        with _blas_threads_for(matrices[start].shape):
+            for W in matrices[start:end]:
+                if min(W.shape) == 0:
+                    results.append((np.zeros(0), "gram"))
+                elif not all_finite(W):
+                    results.append((np.full(min(W.shape), math.nan), NON_FINITE_METHOD))
+                else:
+                    sigma = gram_singular_values_array(np.ascontiguousarray(W, dtype=arithmetic))
+                    results.append((sigma.astype(np.float64), "gram"))
+        start = end
+    return results
 
 
 def _symmetric_eigenvalues(gram: np.ndarray) -> np.ndarray:
@@ -168,6 +217,7 @@ def _symmetric_eigenvalues(gram: np.ndarray) -> np.ndarray:
 
 def _gram_singular_values(stack: torch.Tensor) -> torch.Tensor:
     """σ (descending) of each matrix in ``stack`` [..., m, n] from the smaller Gram matrix."""
+    import torch
     if stack.device.type == "cpu" and stack.ndim == 3:
         return torch.stack([_cpu_gram_singular_values(matrix) for matrix in stack])
     rows, cols = stack.shape[-2], stack.shape[-1]
@@ -178,11 +228,13 @@ def _gram_singular_values(stack: torch.Tensor) -> torch.Tensor:
 
 
 def _svd_singular_values(stack: torch.Tensor) -> torch.Tensor:
+    import torch
     return torch.linalg.svdvals(stack)  # already descending
 
 
 def _needs_svd(sigma: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Per matrix: True where the gram result cannot be trusted for the small singular values."""
+    import torch
     threshold = GRAM_GUARD_FACTOR * math.sqrt(torch.finfo(dtype).eps)
     return sigma[..., -1] < threshold * sigma[..., 0]
 
@@ -206,26 +258,36 @@ def _spectrum(
 
 
 def _to_result(sigma: torch.Tensor) -> torch.Tensor:
+    import torch
     return sigma.detach().to(device="cpu", dtype=torch.float64)
 
 
 def _non_finite_result(W: torch.Tensor) -> tuple[torch.Tensor, str]:
     # LAPACK/cuSOLVER refuse NaN/inf input; a NaN spectrum lets every estimator report NaN with a
     # reason instead of the whole run failing on one broken tensor.
+    import torch
     return torch.full((min(W.shape),), math.nan, dtype=torch.float64), NON_FINITE_METHOD
 
 
-def all_finite(W: torch.Tensor) -> bool:
-    """True when ``W`` holds no NaN/inf. A NaN or inf anywhere makes the sum non-finite, so a
-    finite sum proves the matrix finite (one vectorized reduction, ~30x cheaper than
-    ``isfinite(W).all()``); only a non-finite sum, which may be mere overflow of the sum, needs
-    the element-wise check."""
+def all_finite(W) -> bool:
+    """True when ``W`` (a tensor or a numpy array) holds no NaN/inf. A NaN or inf anywhere makes
+    the sum non-finite, so a finite sum proves the matrix finite (one vectorized reduction, ~30x
+    cheaper than ``isfinite(W).all()``); only a non-finite sum, which may be mere overflow of the
+    sum, needs the element-wise check."""
+    if isinstance(W, np.ndarray):
+        if W.dtype.kind != "f" or W.size == 0:
+            return True
+        with np.errstate(over="ignore", invalid="ignore"):
+            return bool(np.isfinite(W.sum())) or bool(np.isfinite(W).all())
+    import torch
+
     if not W.is_floating_point() or W.numel() == 0:
         return True
     return bool(torch.isfinite(W.sum())) or bool(torch.isfinite(W).all())
 
 
 def _single(W: torch.Tensor, dtype: torch.dtype, device: torch.device, method: str, need_small: bool):
+    import torch
     if min(W.shape) == 0:
         return torch.zeros(0, dtype=torch.float64), method if method != "auto" else "gram"
     if not all_finite(W):
@@ -245,17 +307,17 @@ def _single(W: torch.Tensor, dtype: torch.dtype, device: torch.device, method: s
     return _to_result(sigma[0]), names[0] + "+cpu"
 
 
-_NUMPY_FLOATS = {torch.float32: np.float32, torch.float64: np.float64}
-
-
 def _cpu_cast(W: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``W`` on the CPU in ``dtype``. numpy's fp32 -> fp64 conversion is ~7x faster than torch's
     single-threaded one, and the copy is a visible share of a Gram + eigvalsh pass."""
+    import torch
+
+    numpy_floats = {torch.float32: np.float32, torch.float64: np.float64}
     W = W.detach().to("cpu")
     if W.dtype == dtype:
         return W
-    if W.dtype in _NUMPY_FLOATS and dtype in _NUMPY_FLOATS:
-        return torch.from_numpy(W.numpy().astype(_NUMPY_FLOATS[dtype]))
+    if W.dtype in numpy_floats and dtype in numpy_floats:
+        return torch.from_numpy(W.numpy().astype(numpy_floats[dtype]))
     return W.to(dtype)
 
 
@@ -273,6 +335,9 @@ def _blas_threads_for(shape) -> None:
     if min(shape) > SINGLE_THREAD_MAX_SIDE:
         yield
         return
+    # threadpoolctl limits only libraries already loaded: load scipy's BLAS first, or the first
+    # matrix of a process would run on every thread (and get other bits than the rest).
+    import scipy.linalg  # noqa: F401
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=1, user_api="blas"):
@@ -280,6 +345,7 @@ def _blas_threads_for(shape) -> None:
 
 
 def _stacked_spectrum(same_shape, dtype, device, method, need_small) -> list[tuple[torch.Tensor, str]]:
+    import torch
     if device.type == "cpu":
         # CPU LAPACK works one matrix at a time anyway; skipping the stack saves its copy.
         results = []
@@ -298,7 +364,7 @@ def _stacked_spectrum(same_shape, dtype, device, method, need_small) -> list[tup
 def singular_values(
     W,
     *,
-    dtype=torch.float64,
+    dtype="fp64",
     device="cpu",
     method: str = "auto",
     need_small: bool = False,
@@ -318,7 +384,7 @@ def singular_values(
 def singular_values_batched(
     matrices,
     *,
-    dtype=torch.float64,
+    dtype="fp64",
     device="cpu",
     method: str = "auto",
     need_small: bool = False,
@@ -331,6 +397,7 @@ def singular_values_batched(
     (at least one matrix per chunk). A CUDA OOM on a chunk retries its matrices one by one, each
     with the single-matrix CPU fallback.
     """
+    import torch
     dtype = _resolve_dtype(dtype)
     device = _resolve_device(device)
     method = _check_method(method)
@@ -384,7 +451,8 @@ def eigenvalues(W, **kwargs) -> tuple[torch.Tensor, str]:
 
 def _descending_fp64(values) -> np.ndarray:
     """1-D fp64 numpy copy of ``values`` sorted descending."""
-    if isinstance(values, torch.Tensor):
+    torch = sys.modules.get("torch")  # a tensor implies torch is imported; arrays need no torch
+    if torch is not None and isinstance(values, torch.Tensor):
         values = values.detach().to(device="cpu", dtype=torch.float64).numpy()
     array = np.asarray(values, dtype=np.float64)
     if array.ndim != 1:

@@ -18,13 +18,16 @@ import warnings
 from collections.abc import Iterable, Iterator
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from .errors import LLMProbeError
 from .loading import ModelSource, cache_root, load_config, resolve_source
 from .modulemap import compile_regex  # noqa: F401  (re-exported: weight commands import it from here)
+
+if TYPE_CHECKING:  # torch is imported where a function needs it
+    import torch
 
 
 class WeightSource:
@@ -74,6 +77,15 @@ class WeightSource:
         """One tensor, as stored (dequantized to fp32 for GGUF quant types), on CPU."""
         raise NotImplementedError
 
+    def readable_as_array(self, name: str) -> bool:
+        """Whether :meth:`array` reads ``name`` (without torch)."""
+        return False
+
+    def array(self, name: str) -> np.ndarray:
+        """One tensor as stored, as a numpy array read without torch, where
+        :meth:`readable_as_array` (an fp32/fp16/fp64 safetensors tensor); elsewhere use :meth:`get`."""
+        raise LLMProbeError(f"{name} cannot be read as a numpy array from a {self.kind} source")
+
     def config(self):
         return load_config(self.source)
 
@@ -120,19 +132,55 @@ class WeightSource:
         return _cached_structure_map(config_file, self.config)
 
 
+    def weight_places(self, names: Iterable[str]) -> dict:
+        """:meth:`ModuleMap.weight_places` of ``names`` (layer, role, model order, linear shape).
+        For a checkpoint whose module map comes from a cached structure, the answer is kept as
+        plain data beside it, keyed by the structure and the names asked for: a later weight
+        command selects its matrices without the module map, and so without torch."""
+        from .modulemap import WeightPlace
+
+        names = list(names)
+        trust = bool(self.source and self.source.trust_remote_code)
+        config_file = self.config_file()
+        if isinstance(self, ModelWeights) or trust or config_file is None:
+            return self.module_map.weight_places(names)
+        import hashlib
+
+        from .files import atomic_write_text
+
+        structure = _structure_file(config_file)
+        digest = hashlib.sha256(structure.name.encode())
+        digest.update(json.dumps(names).encode())
+        kept = cache_root() / "weight-places" / f"{digest.hexdigest()[:32]}.json"
+        try:
+            stored = json.loads(kept.read_text())
+            return {name: WeightPlace(layer, role, position, tuple(linear) if linear else None)
+                    for name, (layer, role, position, linear) in zip(names, stored, strict=True)}
+        except (OSError, ValueError, TypeError):
+            pass  # absent, or written by something else: ask the module map
+        places = self.module_map.weight_places(names)
+        try:
+            atomic_write_text(kept, json.dumps([[p.layer, p.role, p.position, p.linear] for p in places.values()]))
+        except OSError:  # a read-only cache still works; the next run asks the module map again
+            pass
+        return places
+
+
 def _structure_file(config_file: Path) -> Path:
     import hashlib
     from importlib.metadata import PackageNotFoundError, version
 
     from .modulemap import STRUCTURE_FORMAT
 
-    try:
-        transformers_version = version("transformers")
-    except PackageNotFoundError:  # pragma: no cover - a dependency
-        transformers_version = "?"
+    def installed(package: str) -> str:  # from the metadata: neither is imported for this
+        try:
+            return version(package)
+        except PackageNotFoundError:  # pragma: no cover - dependencies
+            return "?"
+
     # The model class comes from the config and the installed transformers; torch builds it.
     digest = hashlib.sha256(config_file.read_bytes())
-    digest.update(f"|{transformers_version}|{torch.__version__}|{STRUCTURE_FORMAT}".encode())
+    digest.update(f"|{installed('transformers')}|{installed('torch')}|{STRUCTURE_FORMAT}".encode())
     return cache_root() / "module-structures" / f"{digest.hexdigest()[:32]}.json"
 
 
@@ -201,8 +249,8 @@ class SafetensorsSource(WeightSource):
         from safetensors import safe_open
 
         for file in files:
-            try:
-                with safe_open(str(file), framework="pt") as handle:
+            try:  # the header only: the numpy framework reads it without importing torch
+                with safe_open(str(file), framework="numpy") as handle:
                     for name in handle.keys():
                         sl = handle.get_slice(name)
                         self._where[name] = file
@@ -213,6 +261,7 @@ class SafetensorsSource(WeightSource):
     def _index_bins(self) -> None:
         # Pickle checkpoints are only ever read with weights_only=True (no arbitrary code);
         # mmap keeps memory near one tensor for zip-format files.
+        import torch
         self._legacy_cache: tuple[Path, dict] | None = None
         for file in self._bins:
             state = self._load_bin(file)
@@ -227,6 +276,8 @@ class SafetensorsSource(WeightSource):
     def _load_bin(self, file: Path) -> dict:
         import pickle
         import zipfile
+
+        import torch
 
         from .loading import pickle_refusal
 
@@ -261,6 +312,24 @@ class SafetensorsSource(WeightSource):
 
     def stored_dtype(self, name: str) -> str:
         return self._meta[name][1]
+
+    # safetensors dtypes numpy reads as they are (bf16 and fp8 need torch)
+    _ARRAY_DTYPES = {"F32", "F16", "F64"}
+
+    def readable_as_array(self, name: str) -> bool:
+        return self.kind != "bin" and self._meta[name][1] in self._ARRAY_DTYPES
+
+    def array(self, name: str) -> np.ndarray:
+        if not self.readable_as_array(name):
+            return super().array(name)
+        from safetensors import safe_open
+
+        file = self._where[name]
+        try:
+            with safe_open(str(file), framework="numpy") as handle:
+                return handle.get_tensor(name)
+        except Exception as exc:
+            raise LLMProbeError(f"cannot read tensor {name} from {file}: {exc}") from None
 
     def get(self, name: str) -> torch.Tensor:
         file = self._where[name]
@@ -432,6 +501,7 @@ class GGUFSource(WeightSource):
         return self._tensor(name).tensor_type.name
 
     def get(self, name: str) -> torch.Tensor:
+        import torch
         from gguf.quants import dequantize
 
         tensor = self._tensor(name)
