@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -482,6 +483,32 @@ def _reads_arrays(ws: WeightSource, plans: Sequence[MatrixPlan], device, load_dt
             and all(ws.readable_as_array(plan.name) for plan in plans))
 
 
+# Matrices from which a second process shares the spectra (below, its start-up costs more).
+HELPER_MIN_MATRICES = 40
+
+
+def _spectra_helper(arrays: bool, matrices: int, ws: WeightSource):
+    """A :class:`~llmprobe.core.helper.Helper` computing every other chunk of the torch-free CPU
+    path, or None. LAPACK runs the small eigenvalue problems one matrix at a time on one thread,
+    holding the GIL, so only a second process puts a second core to work (on the 2-core VM it
+    also takes the time the figure workers leave idle while they wait for rows). Not for small
+    selections, under torchrun, on one core, or with ``LLMPROBE_SPECTRA_HELPER=0``."""
+    import contextlib
+
+    if (not arrays or matrices < HELPER_MIN_MATRICES or distributed.is_distributed()
+            or os.environ.get("LLMPROBE_SPECTRA_HELPER", "1") == "0"):
+        return contextlib.nullcontext()
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    if cores < 2:
+        return contextlib.nullcontext()
+    from ..core.helper import Helper
+
+    return Helper(f"{__name__}:_process_chunk", ws)
+
+
 def _on_cpu(device) -> bool:
     return getattr(device, "type", str(device).partition(":")[0]) == "cpu"
 
@@ -532,12 +559,17 @@ def alpha_hill_analysis(
 
     def rows_of(part: list[MatrixPlan]) -> list[PrecisionAlphaHill]:
         def rows_as_done() -> Iterator[PrecisionAlphaHill]:
-            for chunk in _chunks(part, chunk_bytes, target):
-                chunk_rows = _process_chunk(ws, chunk, precisions, k_frac, fit, target, load_dtype,
-                                            spectrum_dtype, arrays)
-                if on_rows is not None:
-                    on_rows(chunk_rows)
-                yield from chunk_rows
+            work = (precisions, k_frac, fit, target, load_dtype, spectrum_dtype, arrays)
+            chunks = _chunks(part, chunk_bytes, target)
+            with _spectra_helper(arrays, len(part), ws) as helper:
+                # Every other chunk goes to the helper process (if any); rows come back in order.
+                tickets = [helper.submit(chunk, *work) if helper is not None and index % 2 else None
+                           for index, chunk in enumerate(chunks)]
+                for chunk, ticket in zip(chunks, tickets):
+                    chunk_rows = helper.result(ticket) if ticket is not None else _process_chunk(ws, chunk, *work)
+                    if on_rows is not None:
+                        on_rows(chunk_rows)
+                    yield from chunk_rows
 
         done = list(track(rows_as_done(), "alpha-hill", total=len(part)))
         # on a GPU chunks run shape by shape; report in model order

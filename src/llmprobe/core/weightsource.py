@@ -64,6 +64,11 @@ class WeightSource:
     # -- interface ------------------------------------------------------------------------
     source: ModelSource | None = None
 
+    def __getstate__(self) -> dict:
+        # Sent to a helper process without the module map (built classes, torch modules): a
+        # source there reads tensors, and builds the map again if it is asked for one.
+        return {key: value for key, value in self.__dict__.items() if key != "module_map"}
+
     def names(self) -> list[str]:
         raise NotImplementedError
 

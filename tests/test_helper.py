@@ -1,0 +1,81 @@
+"""The helper process (core/helper.py): answers in order, raises the call's own exception in the
+caller, reports a dead helper, stops on close; and alpha-hill's spectra shared with it give the
+same rows as one process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from tiny import save_tiny_model_dir
+
+from llmprobe.core.errors import LLMProbeError
+from llmprobe.core.helper import Helper
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def test_calls_are_answered_in_order_with_the_shared_arguments_first():
+    with Helper("operator:add", 10) as helper:
+        tickets = [helper.submit(value) for value in range(5)]
+        assert [helper.result(t) for t in reversed(tickets)] == [14, 13, 12, 11, 10]
+    with Helper("builtins:divmod") as helper:
+        assert helper.result(helper.submit(17, 5)) == (3, 2)
+
+
+def test_the_calls_exception_is_raised_in_the_caller():
+    with Helper("llmprobe.core.quant:parse_format") as helper:
+        good, bad = helper.submit("INT8"), helper.submit("fp12")
+        assert helper.result(good) == "int8"
+        with pytest.raises(LLMProbeError, match="unknown format 'fp12'"):
+            helper.result(bad)
+
+
+def test_a_helper_that_dies_is_an_error_not_a_hang():
+    with Helper("os:_exit") as helper:
+        ticket = helper.submit(3)
+        with pytest.raises(RuntimeError, match="helper process exited"):
+            helper.result(ticket)
+
+
+def test_close_stops_a_helper_still_computing():
+    helper = Helper("time:sleep")
+    helper.submit(60)
+    helper.close()
+    assert helper._proc.poll() is not None
+
+
+def test_a_script_without_a_main_guard_is_not_run_again(tmp_path):
+    """multiprocessing's spawn would import the caller's __main__ in the child; the helper does not."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(textwrap.dedent("""
+        from llmprobe.core.helper import Helper
+        print("script body ran")
+        with Helper("operator:mul", 6) as helper:
+            print(helper.result(helper.submit(7)))
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          env={"PYTHONPATH": SRC, "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["script", "body", "ran", "42"]
+
+
+def test_alpha_hill_spectra_shared_with_the_helper_give_the_same_rows(tmp_path, monkeypatch):
+    from llmprobe.analyses import alpha_hill
+    from llmprobe.core.weightsource import WeightSource
+
+    ws = WeightSource.open(str(save_tiny_model_dir("llama", tmp_path / "model", num_hidden_layers=3)))
+    monkeypatch.setattr(alpha_hill, "CPU_CHUNK_MATRICES", 4)  # several chunks for two processes
+    monkeypatch.setattr(alpha_hill, "HELPER_MIN_MATRICES", 1)
+    started = []
+    real = Helper.__init__
+    monkeypatch.setattr(Helper, "__init__", lambda self, *a: (started.append(a[0]), real(self, *a))[1])
+    shared, _ = alpha_hill.alpha_hill_analysis(ws, ["fp32", "fp16"], device="cpu", regex="weight")
+    assert started == ["llmprobe.analyses.alpha_hill:_process_chunk"]
+    monkeypatch.setenv("LLMPROBE_SPECTRA_HELPER", "0")
+    alone, _ = alpha_hill.alpha_hill_analysis(ws, ["fp32", "fp16"], device="cpu", regex="weight")
+    assert len(started) == 1 and len(shared) == 23
+    assert [row.model_dump() for row in shared] == [row.model_dump() for row in alone]
