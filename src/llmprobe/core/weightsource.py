@@ -151,10 +151,13 @@ class WeightSource:
             return self.module_map.weight_places(names)
         import hashlib
 
+        from .._version import __version__
         from .files import atomic_write_text
 
+        # Keyed by the structure (config, transformers, torch), the names asked for and this
+        # llmprobe's version: roles come from llmprobe's rules, which a new version may change.
         structure = _structure_file(config_file)
-        digest = hashlib.sha256(structure.name.encode())
+        digest = hashlib.sha256(f"{structure.name}|{__version__}|".encode())
         digest.update(json.dumps(names).encode())
         kept = cache_root() / "weight-places" / f"{digest.hexdigest()[:32]}.json"
         try:
