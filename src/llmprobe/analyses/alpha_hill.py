@@ -71,7 +71,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..core import distributed
-from ..core.devices import DTYPE_NAMES, on_cpu_without_torch, resolve_device, torch_dtype
+from ..core.devices import DTYPE_NAMES, on_cpu_without_torch, resolve_device, torch_dtype, usable_cores
 from ..core.errors import LLMProbeError
 from ..core.modulemap import ROLES
 from ..core.progress import track
@@ -498,11 +498,7 @@ def _spectra_helper(arrays: bool, matrices: int, ws: WeightSource):
     if (not arrays or matrices < HELPER_MIN_MATRICES or distributed.is_distributed()
             or os.environ.get("LLMPROBE_SPECTRA_HELPER", "1") == "0"):
         return contextlib.nullcontext()
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        cores = os.cpu_count() or 1
-    if cores < 2:
+    if usable_cores() < 2:
         return contextlib.nullcontext()
     from ..core.helper import Helper
 

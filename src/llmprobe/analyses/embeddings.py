@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..core import progress
+from ..core.devices import usable_cores
 from ..core.errors import LLMProbeError
 from ..core.records import Record
 
@@ -283,7 +284,7 @@ def cluster_rows(matrix, *, tensor: str = "matrix", max_k: int = DEFAULT_MAX_K,
 
 def _idle_cores() -> int:
     """Cores not already busy (CPU count minus the 1-minute load average), at least one."""
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     try:
         busy = math.floor(os.getloadavg()[0])
     except (AttributeError, OSError):  # no load average on this platform: assume an idle machine

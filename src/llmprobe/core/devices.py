@@ -41,6 +41,14 @@ def torch_dtype(name: str) -> torch.dtype:
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
 def gpu_driver_present() -> bool:
     """False only where no GPU can be used (Linux without a GPU driver, macOS); True elsewhere,
     where torch has to answer."""

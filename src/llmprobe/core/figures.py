@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .devices import usable_cores
+
 # Fewer deferred figures than this are drawn in-process: starting workers costs ~1 s of imports.
 MIN_PARALLEL = 6
 MAX_WORKERS = 4
@@ -128,13 +130,6 @@ def _stage(figure, directory: Path, stem: str, fmt: str, options: dict) -> list[
     return [stage_figure_file(figure, directory, stem, fmt, **options)]
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
 def figure_workers(tasks: int) -> int:
     """Worker processes for ``tasks`` deferred figures: ``LLMPROBE_FIGURE_WORKERS`` if set (0 or 1:
     in-process), else up to 4, one per core, none for a handful of figures."""
@@ -146,7 +141,7 @@ def figure_workers(tasks: int) -> int:
             return 0
     if tasks < MIN_PARALLEL:
         return 0
-    cores = _cores()
+    cores = usable_cores()
     return min(MAX_WORKERS, cores, tasks) if cores > 1 else 0
 
 
@@ -247,7 +242,7 @@ def cores_beside_workers():
     import scipy.linalg  # noqa: F401 - threadpoolctl limits only libraries already loaded
     from threadpoolctl import threadpool_limits
 
-    return threadpool_limits(limits=max(1, _cores() - len(pool.channels)), user_api="blas")
+    return threadpool_limits(limits=max(1, usable_cores() - len(pool.channels)), user_api="blas")
 
 
 def discard_early() -> None:
