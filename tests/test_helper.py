@@ -79,3 +79,25 @@ def test_alpha_hill_spectra_shared_with_the_helper_give_the_same_rows(tmp_path, 
     alone, _ = alpha_hill.alpha_hill_analysis(ws, ["fp32", "fp16"], device="cpu", regex="weight")
     assert len(started) == 1 and len(shared) == 23
     assert [row.model_dump() for row in shared] == [row.model_dump() for row in alone]
+
+
+def test_answers_can_be_polled_without_waiting():
+    import time
+
+    with Helper("time:sleep") as helper:
+        slow, fast = helper.submit(0.5), helper.submit(0.0)
+        assert helper.answered() == [] and helper.pending() == 2  # the first still sleeps
+        time.sleep(1.0)
+        assert helper.answered() == [slow, fast]
+        assert helper.result(fast) is None and helper.pending() == 1
+
+
+def test_shared_chunks_come_back_all_once_with_or_without_a_helper():
+    from llmprobe.analyses.alpha_hill import _share_chunks
+
+    chunks = [[n, n + 1] for n in range(0, 20, 2)]
+    alone = list(_share_chunks(chunks, None, sum, lambda chunk: (chunk,)))
+    assert alone == [sum(chunk) for chunk in chunks]
+    with Helper("builtins:sum") as helper:
+        shared = list(_share_chunks(chunks, helper, sum, lambda chunk: (chunk,)))
+    assert sorted(shared) == sorted(alone)

@@ -505,6 +505,38 @@ def _spectra_helper(arrays: bool, matrices: int, ws: WeightSource):
     return Helper(f"{__name__}:_process_chunk", ws)
 
 
+def _share_chunks(chunks: list, helper, compute: Callable, arguments: Callable) -> Iterator[list]:
+    """The rows of every chunk, as each is done: computed here, or by ``helper`` (if any), which
+    is kept two chunks ahead while this process takes the next chunk in model order itself, so
+    neither waits for the other. Rows come out of model order (the callers place them)."""
+    upcoming = iter(chunks)
+    handed: set[int] = set()
+
+    def feed() -> None:
+        while helper is not None and len(handed) < 2:
+            chunk = next(upcoming, None)
+            if chunk is None:
+                return
+            handed.add(helper.submit(*arguments(chunk)))
+
+    feed()
+    while True:
+        for ticket in helper.answered() if helper is not None else ():
+            handed.discard(ticket)
+            yield helper.result(ticket)
+            feed()
+        chunk = next(upcoming, None)
+        if chunk is not None:
+            yield compute(chunk)
+            feed()
+        elif handed:
+            ticket = min(handed)
+            handed.discard(ticket)
+            yield helper.result(ticket)
+        else:
+            return
+
+
 def _on_cpu(device) -> bool:
     return getattr(device, "type", str(device).partition(":")[0]) == "cpu"
 
@@ -558,11 +590,8 @@ def alpha_hill_analysis(
             work = (precisions, k_frac, fit, target, load_dtype, spectrum_dtype, arrays)
             chunks = _chunks(part, chunk_bytes, target)
             with _spectra_helper(arrays, len(part), ws) as helper:
-                # Every other chunk goes to the helper process (if any); rows come back in order.
-                tickets = [helper.submit(chunk, *work) if helper is not None and index % 2 else None
-                           for index, chunk in enumerate(chunks)]
-                for chunk, ticket in zip(chunks, tickets):
-                    chunk_rows = helper.result(ticket) if ticket is not None else _process_chunk(ws, chunk, *work)
+                for chunk_rows in _share_chunks(chunks, helper, lambda chunk: _process_chunk(ws, chunk, *work),
+                                                lambda chunk: (chunk, *work)):
                     if on_rows is not None:
                         on_rows(chunk_rows)
                     yield from chunk_rows
