@@ -5,6 +5,7 @@ through its cached safetensors conversion see the very tensors of the GGUF."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import types
@@ -14,6 +15,7 @@ import pytest
 import torch
 from conftest import run_cli
 
+import llmprobe
 from llmprobe import registry
 from llmprobe.core.output import RunOutput
 
@@ -350,3 +352,24 @@ def test_reused_depth_figures_equal_freshly_built_ones():
         assert options == {"tight": False, "close": False}
         checked += 1
     assert checked == len(groups)
+
+
+def test_the_console_entry_point_skips_interpreter_teardown_but_not_atexit():
+    """Called as the console script (no argv) main() ends the process with os._exit after the
+    atexit handlers ran and the streams were flushed: the exit code, the output and the
+    handlers are as with a normal exit (in-process callers with argv get SystemExit, above)."""
+    import subprocess
+
+    code = ("import atexit, sys\n"
+            "atexit.register(lambda: print('atexit handler ran'))\n"
+            "sys.argv = ['llmprobe', *sys.argv[1:]]\n"
+            "from llmprobe.cli.app import main\n"
+            "main()\n"
+            "print('not reached')\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    ok = subprocess.run([sys.executable, "-c", code, "--version"], capture_output=True, text=True, env=env)
+    assert ok.returncode == 0 and ok.stdout.splitlines() == [f"llmprobe {llmprobe.__version__}", "atexit handler ran"]
+    bad = subprocess.run([sys.executable, "-c", code, "weights", "stats", "--no-such-option"], capture_output=True,
+                         text=True, env=env)
+    assert bad.returncode == 2 and bad.stdout == "atexit handler ran\n"
+    assert bad.stderr.strip().startswith("llmprobe: error:") and "no-such-option" in bad.stderr

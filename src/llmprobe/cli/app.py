@@ -14,6 +14,7 @@ shown. ``--version`` alone imports nothing but the package.
 from __future__ import annotations
 
 import inspect
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional, Union, get_args, get_origin
@@ -282,7 +283,42 @@ def _click_command():
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point: bad input is one line on stderr and exit code 2."""
+    """Console-script entry point: bad input is one line on stderr and exit code 2.
+
+    Called without ``argv`` (the console script, ``python -m llmprobe``) the process then ends
+    without the interpreter's teardown (:func:`_leave`); called with ``argv`` (tests, other
+    programs) it raises SystemExit as usual."""
+    try:
+        _main(argv)
+    except SystemExit as exc:
+        if argv is None:
+            _leave(exc.code)
+        raise
+
+
+def _leave(code) -> None:
+    """End the process now. Tearing down an interpreter that imported torch and transformers and
+    held a model costs 1-2 s after the last line was written (measured: 1.8 s after
+    `activations kurtosis` on the 2-core VM, a tenth of the command). By now every output file
+    is written, renamed into place and closed; what must still happen at exit does: the atexit
+    handlers (logging, temporary folders, figure workers) run, then stdout/stderr are flushed."""
+    import atexit
+
+    if code is None or isinstance(code, int):
+        status = code or 0
+    else:  # sys.exit("message"): the message and status 1, as the interpreter would
+        print(code, file=sys.stderr)
+        status = 1
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (`llmprobe ... | head`) or a closed stream
+            pass
+    os._exit(status)
+
+
+def _main(argv: list[str] | None) -> None:
     _argv["value"] = argv
     terminate_cleanly()
     command = _click_command()
