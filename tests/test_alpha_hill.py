@@ -455,9 +455,9 @@ def test_a_bf16_checkpoint_takes_the_torch_path(tmp_path):
 def test_a_cpu_weight_command_does_not_import_torch(llama_dir, tmp_path):
     """The second run on a checkpoint (the first keeps where its weights sit in the model) reads
     arrays and never imports torch: ~2-3 s of every such command."""
-    script = ("import runpy, sys\n"
-              "sys.argv = ['llmprobe', *sys.argv[1:]]\n"
-              "try:\n    runpy.run_module('llmprobe', run_name='__main__')\n"
+    script = ("import sys\n"
+              "from llmprobe.cli.app import main\n"
+              "try:\n    main(sys.argv[1:])\n"  # with argv: SystemExit, not the console's os._exit
               "except SystemExit as exit:\n    assert not exit.code, exit.code\n"
               "print('torch imported:', 'torch' in sys.modules)\n")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
