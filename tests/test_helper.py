@@ -101,3 +101,20 @@ def test_shared_chunks_come_back_all_once_with_or_without_a_helper():
     with Helper("builtins:sum") as helper:
         shared = list(_share_chunks(chunks, helper, sum, lambda chunk: (chunk,)))
     assert sorted(shared) == sorted(alone)
+
+
+def test_no_helper_where_blas_threads_already_share_the_cores(monkeypatch):
+    import contextlib
+
+    from llmprobe.analyses import alpha_hill
+
+    def plans(side: int) -> list:
+        return [alpha_hill.MatrixPlan(f"w{i}", (side, side), 0, "attn.q", "attn_q", side, side, -1) for i in range(50)]
+
+    monkeypatch.setattr(alpha_hill, "usable_cores", lambda: 4)
+    big = alpha_hill._spectra_helper(True, plans(2048), ws=None)  # above SINGLE_THREAD_MAX_SIDE
+    assert isinstance(big, contextlib.nullcontext)
+    assert isinstance(alpha_hill._spectra_helper(False, plans(64), ws=None), contextlib.nullcontext)
+    assert isinstance(alpha_hill._spectra_helper(True, plans(64)[:5], ws=None), contextlib.nullcontext)
+    monkeypatch.setattr(alpha_hill, "usable_cores", lambda: 1)
+    assert isinstance(alpha_hill._spectra_helper(True, plans(64), ws=None), contextlib.nullcontext)

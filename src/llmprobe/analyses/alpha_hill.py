@@ -487,15 +487,20 @@ def _reads_arrays(ws: WeightSource, plans: Sequence[MatrixPlan], device, load_dt
 HELPER_MIN_MATRICES = 40
 
 
-def _spectra_helper(arrays: bool, matrices: int, ws: WeightSource):
-    """A :class:`~llmprobe.core.helper.Helper` computing every other chunk of the torch-free CPU
-    path, or None. LAPACK runs the small eigenvalue problems one matrix at a time on one thread,
-    holding the GIL, so only a second process puts a second core to work (on the 2-core VM it
-    also takes the time the figure workers leave idle while they wait for rows). Not for small
-    selections, under torchrun, on one core, or with ``LLMPROBE_SPECTRA_HELPER=0``."""
+def _spectra_helper(arrays: bool, plans: Sequence[MatrixPlan], ws: WeightSource):
+    """A :class:`~llmprobe.core.helper.Helper` sharing the chunks of the torch-free CPU path, or
+    None. LAPACK runs each small eigenvalue problem on one BLAS thread (above
+    :data:`~llmprobe.core.spectral.SINGLE_THREAD_MAX_SIDE` BLAS threads share the cores) and
+    holds the GIL, so for small matrices only a second process puts a second core to work (on
+    the 2-core VM it also takes the time the figure workers leave idle while they wait for
+    rows). Not for large matrices, small selections, torchrun, one core, or with
+    ``LLMPROBE_SPECTRA_HELPER=0``."""
     import contextlib
 
-    if (not arrays or matrices < HELPER_MIN_MATRICES or distributed.is_distributed()
+    from ..core.spectral import SINGLE_THREAD_MAX_SIDE
+
+    if (not arrays or len(plans) < HELPER_MIN_MATRICES or distributed.is_distributed()
+            or any(min(plan.shape) > SINGLE_THREAD_MAX_SIDE for plan in plans)
             or os.environ.get("LLMPROBE_SPECTRA_HELPER", "1") == "0"):
         return contextlib.nullcontext()
     if usable_cores() < 2:
@@ -589,7 +594,7 @@ def alpha_hill_analysis(
         def rows_as_done() -> Iterator[PrecisionAlphaHill]:
             work = (precisions, k_frac, fit, target, load_dtype, spectrum_dtype, arrays)
             chunks = _chunks(part, chunk_bytes, target)
-            with _spectra_helper(arrays, len(part), ws) as helper:
+            with _spectra_helper(arrays, part, ws) as helper:
                 for chunk_rows in _share_chunks(chunks, helper, lambda chunk: _process_chunk(ws, chunk, *work),
                                                 lambda chunk: (chunk, *work)):
                     if on_rows is not None:
