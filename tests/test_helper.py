@@ -118,3 +118,28 @@ def test_no_helper_where_blas_threads_already_share_the_cores(monkeypatch):
     assert isinstance(alpha_hill._spectra_helper(True, plans(64)[:5], ws=None), contextlib.nullcontext)
     monkeypatch.setattr(alpha_hill, "usable_cores", lambda: 1)
     assert isinstance(alpha_hill._spectra_helper(True, plans(64), ws=None), contextlib.nullcontext)
+
+
+def test_chunks_of_a_helper_that_dies_are_computed_here(caplog):
+    from llmprobe.analyses.alpha_hill import _share_chunks
+    from llmprobe.core.helper import HelperGone
+
+    chunks = [[n, n + 1] for n in range(0, 20, 2)]
+    with Helper("builtins:exit") as helper:  # exits the helper at its first call
+        with caplog.at_level("WARNING"):
+            shared = list(_share_chunks(chunks, helper, sum, lambda chunk: (3,)))
+    assert sorted(shared) == sorted(sum(chunk) for chunk in chunks)
+    assert "computed in this process" in caplog.text
+    with Helper("builtins:exit") as helper:
+        ticket = helper.submit(3)
+        with pytest.raises(HelperGone):
+            helper.result(ticket)
+
+
+def test_an_error_of_the_computation_in_the_helper_is_raised_not_recomputed():
+    from llmprobe.analyses.alpha_hill import _share_chunks
+
+    with Helper("llmprobe.core.quant:parse_format") as helper:
+        with pytest.raises(LLMProbeError, match="unknown format"):
+            list(_share_chunks([["fp12"], ["fp13"], ["fp14"]], helper, lambda chunk: "local",
+                               lambda chunk: (chunk[0],)))

@@ -505,39 +505,68 @@ def _spectra_helper(arrays: bool, plans: Sequence[MatrixPlan], ws: WeightSource)
         return contextlib.nullcontext()
     if usable_cores() < 2:
         return contextlib.nullcontext()
-    from ..core.helper import Helper
+    from ..core.helper import Helper, HelperGone
 
-    return Helper(f"{__name__}:_process_chunk", ws)
+    try:
+        return Helper(f"{__name__}:_process_chunk", ws)
+    except (OSError, HelperGone) as exc:  # no interpreter to start: the spectra run here alone
+        logger.warning("no spectra helper process (%s): the spectra run in this process", exc)
+        return contextlib.nullcontext()
 
 
 def _share_chunks(chunks: list, helper, compute: Callable, arguments: Callable) -> Iterator[list]:
     """The rows of every chunk, as each is done: computed here, or by ``helper`` (if any), which
     is kept two chunks ahead while this process takes the next chunk in model order itself, so
-    neither waits for the other. Rows come out of model order (the callers place them)."""
+    neither waits for the other. Rows come out of model order (the callers place them). Should
+    the helper process die, the chunks it held are computed here and the run goes on; an error
+    of the computation itself is raised as it would be here."""
+    from ..core.helper import HelperGone
+
     upcoming = iter(chunks)
-    handed: set[int] = set()
+    handed: dict[int, object] = {}  # ticket -> the chunk the helper holds
+    orphans: list = []  # chunks of a helper that died, computed here next
+
+    def lose_helper(reason: Exception) -> None:
+        nonlocal helper
+        logger.warning("%s: its chunks are computed in this process", reason)
+        orphans.extend(handed[ticket] for ticket in sorted(handed))
+        handed.clear()
+        helper = None
 
     def feed() -> None:
         while helper is not None and len(handed) < 2:
             chunk = next(upcoming, None)
             if chunk is None:
                 return
-            handed.add(helper.submit(*arguments(chunk)))
+            try:
+                handed[helper.submit(*arguments(chunk))] = chunk
+            except HelperGone as gone:
+                orphans.append(chunk)
+                lose_helper(gone)
 
     feed()
     while True:
-        for ticket in helper.answered() if helper is not None else ():
-            handed.discard(ticket)
-            yield helper.result(ticket)
-            feed()
-        chunk = next(upcoming, None)
+        try:
+            for ticket in helper.answered() if helper is not None else ():
+                rows = helper.result(ticket)
+                del handed[ticket]
+                yield rows
+                feed()
+        except HelperGone as gone:
+            lose_helper(gone)
+        chunk = orphans.pop(0) if orphans else next(upcoming, None)
         if chunk is not None:
             yield compute(chunk)
             feed()
         elif handed:
             ticket = min(handed)
-            handed.discard(ticket)
-            yield helper.result(ticket)
+            try:
+                rows = helper.result(ticket)
+            except HelperGone as gone:
+                lose_helper(gone)
+                continue
+            del handed[ticket]
+            yield rows
         else:
             return
 

@@ -30,6 +30,10 @@ from typing import Any
 _BOOT = "from llmprobe.core.helper import _serve; _serve()"
 
 
+class HelperGone(RuntimeError):
+    """The helper process exited (killed, out of memory, a crash in a library) before answering."""
+
+
 class Helper:
     """One helper process running ``function`` ("module:name") with ``shared`` first arguments."""
 
@@ -65,7 +69,7 @@ class Helper:
             pickle.dump(message, self._proc.stdin)
             self._proc.stdin.flush()
         except (BrokenPipeError, OSError):
-            raise RuntimeError(f"the helper process exited (code {self._proc.poll()})") from None
+            raise HelperGone(f"the helper process exited (code {self._proc.poll()})") from None
 
     def submit(self, *args: Any) -> int:
         """Queue one call; returns its ticket for :meth:`result`."""
@@ -81,7 +85,7 @@ class Helper:
             return False
         if answer is None:
             self._arrived.put(None)  # keep the end marker for later calls
-            raise RuntimeError(f"the helper process exited (code {self._proc.wait()}) before answering")
+            raise HelperGone(f"the helper process exited (code {self._proc.wait()}) before answering")
         self._answered[self._received] = answer
         self._received += 1
         return True
