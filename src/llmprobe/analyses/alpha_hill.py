@@ -488,8 +488,8 @@ HELPER_MIN_MATRICES = 40
 
 
 def _spectra_helper(arrays: bool, plans: Sequence[MatrixPlan], ws: WeightSource):
-    """A :class:`~llmprobe.core.helper.Helper` sharing the chunks of the torch-free CPU path, or
-    None. LAPACK runs each small eigenvalue problem on one BLAS thread (above
+    """A context giving a :class:`~llmprobe.core.helper.Helper` that shares the chunks of the
+    torch-free CPU path, or None. LAPACK runs each small eigenvalue problem on one BLAS thread (above
     :data:`~llmprobe.core.spectral.SINGLE_THREAD_MAX_SIDE` BLAS threads share the cores) and
     holds the GIL, so for small matrices only a second process puts a second core to work (on
     the 2-core VM it also takes the time the figure workers leave idle while they wait for
@@ -501,9 +501,7 @@ def _spectra_helper(arrays: bool, plans: Sequence[MatrixPlan], ws: WeightSource)
 
     if (not arrays or len(plans) < HELPER_MIN_MATRICES or distributed.is_distributed()
             or any(min(plan.shape) > SINGLE_THREAD_MAX_SIDE for plan in plans)
-            or os.environ.get("LLMPROBE_SPECTRA_HELPER", "1") == "0"):
-        return contextlib.nullcontext()
-    if usable_cores() < 2:
+            or os.environ.get("LLMPROBE_SPECTRA_HELPER", "1") == "0" or usable_cores() < 2):
         return contextlib.nullcontext()
     from ..core.helper import Helper, HelperGone
 
@@ -602,7 +600,8 @@ def alpha_hill_analysis(
     ``ws``: a :class:`WeightSource`, an ``nn.Module``, or anything :meth:`WeightSource.open`
     takes (a model id/path, None for the embedded model). Returns ``(rows, summary)``; the
     semantics of every column are in the module docstring. ``on_rows`` is called with the rows
-    of each finished chunk as they come (in model order on the CPU).
+    of each finished chunk as they come (on the CPU in model order, except that chunks shared
+    with the helper process may arrive a little ahead or behind).
     """
     precisions = parse_precisions(precisions)
     k_frac = check_k_frac(k_frac)
@@ -655,20 +654,17 @@ def prepare_job(job):
 
 
 def alpha_hill_job(job):
-    from ..core.figures import cores_beside_workers
     from ..plots.alpha_hill import FigureStreamer
     from ..session import Result
 
     o = job.options
     chosen = parse_precisions(o.precisions)
-    # The combined-batch figures of the first matrices are drawn while the rest are computed,
-    # on the cores the spectra leave to the figure workers.
+    # The combined-batch figures of the first matrices are drawn while the rest are computed.
     streamer = FigureStreamer(job.state["plans"], chosen, o)
-    with cores_beside_workers():
-        rows, summary = alpha_hill_analysis(job.weights, chosen, k_frac=o.k_frac, regex=o.filter,
-                                            device=job.state["device"], load_dtype=o.load_dtype, fit=o.fit,
-                                            spectrum_dtype=o.spectrum_dtype,
-                                            on_rows=lambda done: job.draw_early(streamer.ready(done)))
+    rows, summary = alpha_hill_analysis(job.weights, chosen, k_frac=o.k_frac, regex=o.filter,
+                                        device=job.state["device"], load_dtype=o.load_dtype, fit=o.fit,
+                                        spectrum_dtype=o.spectrum_dtype,
+                                        on_rows=lambda done: job.draw_early(streamer.ready(done)))
     flagged = {status: sum(row.status == status for row in rows) for status in ("non_finite", "nan_alpha")}
     result = Result(tables={RESULTS_TABLE: rows, SUMMARY_TABLE: summary},
                     manifest={"precisions": chosen, "device": str(job.state["device"]),

@@ -119,7 +119,7 @@ class Batch:
         """Compiled batches only: the one-pass sums of :func:`llmprobe.core.kernels.activation_sums`,
         each window shifted by its own mean (windows as in :meth:`window_rows`)."""
         return self.derived("power sums", lambda b: kernels.activation_sums(
-            b.x, [rows.start for _, rows in b.window_rows()]))
+            b.x, [rows.start for _, rows in b.window_rows()] + [b.x.shape[0]]))
 
     def row_sum_sq(self) -> torch.Tensor:
         """[T] fp64 Σx² over each token's features: summed in fp64 on compiled batches, else

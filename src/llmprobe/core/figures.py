@@ -227,24 +227,6 @@ def draw_early(directory: Path, fmt: str, figures: Iterable[tuple]) -> None:
             stream.submit((stem, figure, dict(extra[0]) if extra else {}))
 
 
-def cores_beside_workers():
-    """A context in which this process's BLAS uses only the cores that started figure workers
-    leave free (at least one), for an analysis that computes while they draw (see
-    :func:`draw_early`). BLAS threads would otherwise spin on the workers' cores: measured on the
-    2-core VM, alpha-hill's spectra on two OpenBLAS threads took longer with the workers beside
-    them than on one, and delayed the figures. Without started workers it changes nothing."""
-    import contextlib
-
-    started = _STARTED.get("stream") or _STARTED.get("pool")
-    if started is None:
-        return contextlib.nullcontext()
-    pool = started.pool if isinstance(started, _Stream) else started
-    import scipy.linalg  # noqa: F401 - threadpoolctl limits only libraries already loaded
-    from threadpoolctl import threadpool_limits
-
-    return threadpool_limits(limits=max(1, usable_cores() - len(pool.channels)), user_api="blas")
-
-
 def discard_early() -> None:
     """Drop figures drawn early that no :func:`write_figures` took (a run that failed, or a set
     that changed its mind): their staged files are removed and the workers stopped."""
