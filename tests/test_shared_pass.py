@@ -45,3 +45,36 @@ def test_shared_pass_equals_separate_runs_with_one_pass_each_kind(tmp_path, monk
             assert [r.row() for r in rows] == [r.row() for r in folded[name].tables[table]], (name, table)
     assert collect_module._SHARED["pass"] is None
     assert torch.is_grad_enabled()
+
+
+def _head_calls_and_tables(session, monkeypatch, name, options):
+    head = session.lm.model.get_output_embeddings()
+    calls = []
+    monkeypatch.setattr(head, "forward", lambda *args, **kwargs: calls.append(1) or torch.nn.Linear.forward(
+        head, *args, **kwargs))
+    result = session.run(name, **options)
+    return len(calls), {table: [r.row() for r in rows] for table, rows in result.tables.items()}
+
+
+def test_a_forward_only_pass_stops_at_the_head_and_measures_the_same(tmp_path, monkeypatch):
+    """Every hooked module has run when the head is reached: skipping the logits changes no row."""
+    model_dir = save_tiny_model_dir("llama", tmp_path / "llama")
+    options = {"nsamples": 2, "seqlen": 16, "dataset": str(WIKITEXT)}
+    with llmprobe.Session(str(model_dir)) as session:
+        stopped_calls, stopped = _head_calls_and_tables(session, monkeypatch, "activations.kurtosis", options)
+        monkeypatch.setattr(collect_module, "_head_to_skip", lambda *args: None)
+        full_calls, full = _head_calls_and_tables(session, monkeypatch, "activations.kurtosis", options)
+    assert stopped_calls == 0 and full_calls == options["nsamples"]
+    assert stopped == full
+
+
+def test_the_head_runs_when_it_is_hooked_or_gradients_need_the_loss(tmp_path, monkeypatch):
+    model_dir = save_tiny_model_dir("llama", tmp_path / "llama")
+    options = {"nsamples": 2, "seqlen": 16, "dataset": str(WIKITEXT)}
+    with llmprobe.Session(str(model_dir)) as session:
+        calls, tables = _head_calls_and_tables(session, monkeypatch, "activations.magnitude",
+                                               {**options, "roles": ["lm_head"]})
+        assert calls == options["nsamples"]
+        assert any(row["role"] == "lm_head" for row in tables["magnitude_modules"])
+        calls, _ = _head_calls_and_tables(session, monkeypatch, "activations.fisher", options)
+        assert calls == options["nsamples"]  # the loss needs the logits

@@ -51,7 +51,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core import kernels
 from ..core.calibration import Calibration
 from ..core.collect import Batch, Site, collect, sites_for_key
 from ..core.errors import LLMProbeError
@@ -112,14 +111,22 @@ class QuantSpec:
         return quantize(x, self.fmt, granularity=self.granularity, group_size=self.group_size,
                         symmetric=self.symmetric)
 
+    @property
+    def per_token_int_bits(self) -> int | None:
+        """The width, where this spec is symmetric per-token int RTN (the case the compiled
+        activation pass computes with its other statistics); else None."""
+        if self.fmt.startswith("int") and self.granularity == "per-token" and self.symmetric:
+            return int(self.fmt[3:])
+        return None
+
     def row_squared_error(self, batch: Batch) -> torch.Tensor:
         """[T]: Σ over each token's features of (x − Q(x))²; per-token int on a compiled batch in
-        one pass summed in fp64, otherwise summed in fp32 over one token's F values (PyTorch's
-        cascade sum: relative error ~1e-7)."""
+        the one activation pass summed in fp64, otherwise summed in fp32 over one token's F
+        values (PyTorch's cascade sum: relative error ~1e-7)."""
         x = batch.x
-        per_token_int = self.fmt.startswith("int") and self.granularity == "per-token" and self.symmetric
-        if per_token_int and batch.compiled:  # one pass, fp64 sums (core.kernels)
-            return torch.from_numpy(kernels.int_error_row_sse(x, int(self.fmt[3:]), batch.row_abs_max()))
+        per_token_int = self.per_token_int_bits is not None
+        if per_token_int and batch.compiled:
+            return batch.row_int_error_sse(self.per_token_int_bits)
         error = batch.scratch("quant error")
         if per_token_int:
             # The common case, fused: per-token max|x| is shared with the other collectors.
@@ -341,6 +348,12 @@ class _QuantErrorCollector:
         self.signal: dict[str, float] = {}
         self.tokens: dict[str, int] = {}
         self.features: dict[str, int] = {}
+
+    @property
+    def int_error_bits(self) -> tuple[int, ...]:
+        """Asked of collectors by collect(): int widths to compute in the one activation pass."""
+        bits = self.spec.per_token_int_bits
+        return () if bits is None else (bits,)
 
     def update(self, key: str, batch: Batch) -> None:
         x = batch.x

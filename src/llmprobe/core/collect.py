@@ -10,6 +10,8 @@ The contract with a statistic ("collector") is small:
   ∂loss/∂x for the same rows.
 * collectors fold what they need into running state (moments, maxima, per-token scalars) and
   never keep ``x``; memory therefore grows with layers × features, not with windows.
+* a collector may name, in ``int_error_bits``, the widths of per-token int errors it will ask
+  for (:meth:`Batch.row_int_error_sse`), so the compiled pass computes them with the rest.
 
 Keys: with ``site="input"`` modules that read the same tensor (q/k/v, gate/up) are hooked once,
 under their shared ``input_group`` key; everything else is keyed by module name.
@@ -29,7 +31,7 @@ import torch
 
 from . import distributed, kernels, progress
 from .errors import LLMProbeError
-from .modulemap import LinearSite, ModuleMap
+from .modulemap import LinearSite, ModuleMap, output_head
 from .readouts import window_mean_loss
 
 Site = Literal["input", "output"]
@@ -76,6 +78,12 @@ class Batch:
     position: torch.Tensor           # [T] int64 position inside the window, on CPU
     grad: torch.Tensor | None = None  # [T, F] fp32 ∂loss/∂x (backward mode only)
     workspace: Workspace = field(default_factory=Workspace, repr=False)
+    # (window, its rows) for each window, in order; collect() knows them once per forward pass
+    # (every hooked site sees the same tokens), so no hook call has to find them again.
+    windows: list[tuple[int, slice]] | None = None
+    # Widths of per-token symmetric int errors the collectors will ask for (row_int_error_sse):
+    # the compiled pass computes them with everything else, in one pass.
+    int_error_bits: tuple[int, ...] = ()
     _derived: dict = field(default_factory=dict, init=False, repr=False)
 
     def derived(self, name: Hashable, compute: Callable[[Batch], object]):
@@ -88,52 +96,78 @@ class Batch:
         """A [T, F] workspace matrix for a temporary the size of ``x`` (see :class:`Workspace`)."""
         return self.workspace.matrix(name, self.x.shape[0], self.x.shape[1], dtype, self.x.device)
 
+    @property
+    def compiled(self) -> bool:
+        """True where the one-pass CPU kernel of :mod:`llmprobe.core.kernels` serves this batch
+        (fp32 rows on the CPU, numba importable); elsewhere the torch ops do."""
+        return self.derived("compiled", lambda b: kernels.AVAILABLE and b.x.device.type == "cpu"
+                            and b.x.dtype == torch.float32)
+
+    def stats(self) -> kernels.ActivationStats:
+        """Compiled batches only: every statistic of :func:`llmprobe.core.kernels.activation_stats`,
+        from one pass (windows as in :meth:`window_rows`, the int widths of ``int_error_bits``)."""
+        return self.derived("stats", lambda b: kernels.activation_stats(
+            b.x, [rows.start for _, rows in b.window_rows()], b.int_error_bits))
+
     def abs(self) -> torch.Tensor:
         """[T, F] fp32 |x| (a workspace matrix: valid for this batch only)."""
         return self.derived("abs", lambda b: torch.abs(b.x, out=b.scratch("abs")))
 
     def row_abs_max(self) -> torch.Tensor:
-        """[T] fp32 max|x| over each token's features."""
+        """[T] fp32 max|x| over each token's features (NaN where the token has a NaN)."""
+        if self.compiled:
+            return torch.from_numpy(self.stats().row_abs_max)
         return self.derived("row_abs_max", lambda b: b.abs().amax(dim=1))
 
     def channel_abs_max(self) -> torch.Tensor:
         """[F] fp32 max|x| over the batch's tokens."""
+        if self.compiled:
+            return torch.from_numpy(self.stats().column_abs_max)
         return self.derived("channel_abs_max", lambda b: b.abs().amax(dim=0))
 
     def square(self) -> torch.Tensor:
         """[T, F] fp32 x² (a workspace matrix: valid for this batch only)."""
         return self.derived("square", lambda b: torch.mul(b.x, b.x, out=b.scratch("square")))
 
-    @property
-    def compiled(self) -> bool:
-        """True where the one-pass CPU kernels of :mod:`llmprobe.core.kernels` serve this batch
-        (fp32 rows on the CPU, numba importable); elsewhere the torch ops do."""
-        return self.derived("compiled", lambda b: kernels.AVAILABLE and b.x.device.type == "cpu"
-                            and b.x.dtype == torch.float32)
-
     def window_rows(self) -> list[tuple[int, slice]]:
         """(window, its rows) for each window of the batch, in order."""
+        if self.windows is not None:
+            return self.windows
         return self.derived("window rows", _window_rows)
-
-    def power_sums(self) -> kernels.ActivationSums:
-        """Compiled batches only: the one-pass sums of :func:`llmprobe.core.kernels.activation_sums`,
-        each window shifted by its own mean (windows as in :meth:`window_rows`)."""
-        return self.derived("power sums", lambda b: kernels.activation_sums(
-            b.x, [rows.start for _, rows in b.window_rows()] + [b.x.shape[0]]))
 
     def row_sum_sq(self) -> torch.Tensor:
         """[T] fp64 Σx² over each token's features: summed in fp64 on compiled batches, else
         fp32 squares summed in fp32 over one row (relative error ~1e-7)."""
         if self.compiled:
-            return torch.from_numpy(self.power_sums().rows[:, 4])
+            return torch.from_numpy(self.stats().row_sum_sq)
         return self.derived("row sum sq", lambda b: b.square().sum(dim=1).to(torch.float64))
 
     def channel_sum_sq(self) -> torch.Tensor:
         """[F] fp64 Σx² over the batch's tokens: summed in fp64 on compiled batches, else fp32
         squares summed in fp32 over the batch's rows (relative error ~1e-7) and widened."""
         if self.compiled:
-            return torch.from_numpy(self.power_sums().column_sum_sq)
+            return torch.from_numpy(self.stats().column_sum_sq)
         return self.derived("channel sum sq", lambda b: b.square().sum(dim=0).to(torch.float64))
+
+    def row_int_error_sse(self, bits: int) -> torch.Tensor:
+        """Compiled batches only: [T] fp64 Σ (Q(x) − x)² of symmetric per-token ``bits``-bit RTN.
+        From the one pass when ``bits`` is in ``int_error_bits``; otherwise a pass of its own."""
+        sse = self.stats().row_int_sse.get(bits)
+        if sse is None:
+            sse = self.derived(("int error", bits), lambda b: kernels.activation_stats(
+                b.x, [rows.start for _, rows in b.window_rows()], (bits,)).row_int_sse[bits])
+        return torch.from_numpy(sse)
+
+
+def _kept_window_rows(first_window: int, kept_per_window: list[int]) -> list[tuple[int, slice]]:
+    """(window, its rows) of a batch of windows numbered from ``first_window``, each keeping
+    that many tokens; windows with no token kept have no rows and are left out."""
+    rows, start = [], 0
+    for offset, count in enumerate(kept_per_window):
+        if count:
+            rows.append((first_window + offset, slice(start, start + count)))
+            start += count
+    return rows
 
 
 def _window_rows(batch: Batch) -> list[tuple[int, slice]]:
@@ -288,6 +322,25 @@ def _as_tokens(x: torch.Tensor, batch_shape: tuple[int, int]) -> torch.Tensor:
     raise RuntimeError(f"cannot read activation of shape {tuple(x.shape)} as [batch={b}, seq={length}, features]")
 
 
+class _HeadReached(Exception):
+    """Raised when a forward-only collection pass reaches the model's output head."""
+
+
+def _head_to_skip(lm_model: torch.nn.Module, plan: dict[str, LinearSite], backward: bool) -> torch.nn.Module | None:
+    """The output head, where a pass may stop as it is reached: forward only (no loss needs the
+    logits) and the head not hooked itself. Every other module of a causal LM runs before it, so
+    each hooked module has seen the whole window by then. The head is the largest single matrix
+    product of a small model (SmolLM2-135M: 28M of its 135M weights, about a fifth of the
+    forward's arithmetic). A model that computes its logits without calling the head module never
+    reaches the hook and simply runs to the end."""
+    if backward:
+        return None
+    head = output_head(lm_model)
+    if head is None or any(s.module is head for s in plan.values()):
+        return None
+    return head
+
+
 class Deferred(Exception):
     """Raised inside an analysis while a :class:`SharedPass` records what it would collect."""
 
@@ -429,6 +482,7 @@ def collect(lm_model: torch.nn.Module, mmap: ModuleMap, sites: Sequence[LinearSi
     state: dict[str, object] = {}
 
     workspace = Workspace()
+    int_error_bits = tuple(sorted({bits for c in collectors for bits in getattr(c, "int_error_bits", ())}))
 
     def kept_rows(tensor: torch.Tensor) -> torch.Tensor:
         keep = state["keep"]
@@ -444,7 +498,7 @@ def collect(lm_model: torch.nn.Module, mmap: ModuleMap, sites: Sequence[LinearSi
             x = rotate(x)
             g = None if g is None else rotate(g)
         batch = Batch(x=x, token_ids=state["ids"], window=state["window"], position=state["position"], grad=g,
-                      workspace=workspace)
+                      workspace=workspace, windows=state["windows"], int_error_bits=int_error_bits)
         # The collectors run on the forward's own threads. Dropping to one thread around them
         # (tried: it helps on a machine whose cores are busy elsewhere) costs more than it saves
         # on a quiet one: each change of the thread count makes the forward's next parallel
@@ -491,6 +545,11 @@ def collect(lm_model: torch.nn.Module, mmap: ModuleMap, sites: Sequence[LinearSi
                 handles.append(s.module.register_forward_pre_hook(forward_pre(key), with_kwargs=True))
             else:
                 handles.append(s.module.register_forward_hook(forward_out(key), with_kwargs=True))
+        head = _head_to_skip(lm_model, plan, backward)
+        if head is not None:
+            def stop(module, args):
+                raise _HeadReached
+            handles.append(head.register_forward_pre_hook(stop))
         if backward:
             for p in lm_model.parameters():
                 p.requires_grad_(False)
@@ -512,6 +571,7 @@ def collect(lm_model: torch.nn.Module, mmap: ModuleMap, sites: Sequence[LinearSi
             state["ids"] = ids[keep]
             state["window"] = (torch.arange(start, start + b).unsqueeze(1).expand(b, length))[keep]
             state["position"] = torch.arange(length).unsqueeze(0).expand(b, length)[keep]
+            state["windows"] = _kept_window_rows(start, keep.sum(dim=1).tolist())
             inputs = ids.to(device)
             if backward:
                 with torch.enable_grad():
@@ -520,7 +580,10 @@ def collect(lm_model: torch.nn.Module, mmap: ModuleMap, sites: Sequence[LinearSi
                     loss.backward()
             else:
                 with torch.inference_mode():
-                    lm_model(input_ids=inputs, use_cache=False)
+                    try:
+                        lm_model(input_ids=inputs, use_cache=False)
+                    except _HeadReached:
+                        pass
     except Exception as exc:
         distributed.abort(exc)  # the other ranks fail with this rank, instead of waiting for it
     finally:

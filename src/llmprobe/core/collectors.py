@@ -16,7 +16,7 @@ and key, kept as compact CPU tensors).
 Numerics. Raw power sums Σx⁴ − 4μΣx³ + ... cancel catastrophically when |mean| ≫ std (a model
 with a large constant channel offset does exactly that). So every window of a batch is first
 reduced to exact central moments — from power sums about a shift within fp32 rounding of its
-mean (the compiled CPU pass, :meth:`Batch.power_sums`), or around each piece's own fp64 mean
+mean (the compiled CPU pass, :meth:`Batch.stats`), or around each piece's own fp64 mean
 (torch ops, on other devices) — and these are combined with the pairwise update of Chan et al.
 / Pébay (2008), which never subtracts large raw sums.
 """
@@ -151,7 +151,7 @@ def moments_from_power_sums(n: float, shift: float, s1: float, s2: float, s3: fl
     """Central moments from the power sums S_k = Σ dᵏ of d = x − shift, by the binomial shift to
     the exact mean shift + δ, δ = S₁/n: M₂ = S₂ − nδ², M₃ = S₃ − 3δS₂ + 2nδ³,
     M₄ = S₄ − 4δS₃ + 6δ²S₂ − 3nδ⁴. Exact to fp64 rounding when the shift is near the mean (δ
-    tiny next to the spread, so nothing cancels), as :meth:`Batch.power_sums` makes it."""
+    tiny next to the spread, so nothing cancels), as :meth:`Batch.stats` makes it."""
     delta = s1 / n
     m2 = s2 - n * delta * delta
     m3 = s3 - 3.0 * delta * s2 + 2.0 * n * delta ** 3
@@ -163,20 +163,21 @@ def window_moments(batch: Batch) -> list[tuple[int, Moments, float]]:
     """(window, exact central moments of its values, its max|x|) for each window of the batch.
     Rows of a window are contiguous (the Batch contract); were a window split, its pieces would
     still merge exactly in the collector. Computed once per batch (``batch.derived``): on a
-    compiled batch from the one-pass per-row power sums, else with torch ops."""
-    row_abs_max = batch.row_abs_max()
-    sums = batch.power_sums() if batch.compiled else None
+    compiled batch from the one-pass power sums, else with torch ops."""
+    windows = batch.window_rows()
+    if not batch.compiled:
+        row_abs_max = batch.row_abs_max()
+        return [(window, _exact_moments(batch.x[rows], batch.workspace), float(row_abs_max[rows].max()))
+                for window, rows in windows]
+    stats = batch.stats()
+    features = batch.x.shape[1]
     pieces = []
-    for index, (window, rows) in enumerate(batch.window_rows()):
-        moments = None
-        if sums is not None:
-            window_sums = sums.rows[rows, :4].sum(axis=0)
-            if np.isfinite(window_sums).all():
-                moments = moments_from_power_sums(float(batch.x[rows].numel()), float(sums.window_shift[index]),
-                                                  *window_sums.tolist())
-        if moments is None:  # another device, or NaN/inf values (whose mean the torch path keeps)
+    for (window, rows), sums in zip(windows, stats.window_sums.tolist()):
+        if all(map(math.isfinite, sums)):
+            moments = moments_from_power_sums(float((rows.stop - rows.start) * features), *sums)
+        else:  # NaN or inf values: the torch path keeps their mean
             moments = _exact_moments(batch.x[rows], batch.workspace)
-        pieces.append((window, moments, float(row_abs_max[rows].max())))
+        pieces.append((window, moments, float(stats.row_abs_max[rows].max())))
     return pieces
 
 
