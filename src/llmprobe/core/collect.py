@@ -106,8 +106,7 @@ class Batch:
     def stats(self) -> kernels.ActivationStats:
         """Compiled batches only: every statistic of :func:`llmprobe.core.kernels.activation_stats`,
         from one pass (windows as in :meth:`window_rows`, the int widths of ``int_error_bits``)."""
-        return self.derived("stats", lambda b: kernels.activation_stats(
-            b.x, [rows.start for _, rows in b.window_rows()], b.int_error_bits))
+        return self.derived("stats", lambda b: kernels.activation_stats(b.x, b.window_starts(), b.int_error_bits))
 
     def abs(self) -> torch.Tensor:
         """[T, F] fp32 |x| (a workspace matrix: valid for this batch only)."""
@@ -135,6 +134,10 @@ class Batch:
             return self.windows
         return self.derived("window rows", _window_rows)
 
+    def window_starts(self) -> list[int]:
+        """The first row of each window, then the row count."""
+        return [rows.start for _, rows in self.window_rows()] + [self.x.shape[0]]
+
     def row_sum_sq(self) -> torch.Tensor:
         """[T] fp64 Σx² over each token's features: summed in fp64 on compiled batches, else
         fp32 squares summed in fp32 over one row (relative error ~1e-7)."""
@@ -155,7 +158,7 @@ class Batch:
         sse = self.stats().row_int_sse.get(bits)
         if sse is None:
             sse = self.derived(("int error", bits), lambda b: kernels.activation_stats(
-                b.x, [rows.start for _, rows in b.window_rows()], (bits,)).row_int_sse[bits])
+                b.x, b.window_starts(), (bits,)).row_int_sse[bits])
         return torch.from_numpy(sse)
 
 
