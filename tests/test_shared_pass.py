@@ -78,3 +78,24 @@ def test_the_head_runs_when_it_is_hooked_or_gradients_need_the_loss(tmp_path, mo
         assert any(row["role"] == "lm_head" for row in tables["magnitude_modules"])
         calls, _ = _head_calls_and_tables(session, monkeypatch, "activations.fisher", options)
         assert calls == options["nsamples"]  # the loss needs the logits
+
+
+def test_the_pass_runs_on_while_a_hooked_module_has_not_run(tmp_path, monkeypatch):
+    """A hooked module that has not run when the head is reached (one after the head, or an
+    expert that got no token) keeps the forward going to the end."""
+    from llmprobe.core.modulemap import LinearSite
+
+    model_dir = save_tiny_model_dir("llama", tmp_path / "llama")
+    options = {"nsamples": 2, "seqlen": 16, "dataset": str(WIKITEXT)}
+    with llmprobe.Session(str(model_dir)) as session:
+        calib = session.calibration(llmprobe.registry.get("activations.kurtosis").options.parse(options))
+        model = session.lm.model
+        head = model.get_output_embeddings()
+        calls = []
+        monkeypatch.setattr(head, "forward", lambda *args: calls.append(1) or torch.nn.Linear.forward(head, *args))
+        idle = torch.nn.Linear(4, 4)  # hooked, never called by the model
+        site = LinearSite("idle", None, "idle", 4, 4, False, "idle", idle)
+        collect_module.collect(model, calib.mmap, calib.sites, calib.windows, [])
+        assert calls == []  # every hooked module ran: stopped at the head
+        collect_module.collect(model, calib.mmap, [*calib.sites, site], calib.windows, [])
+        assert len(calls) == options["nsamples"]

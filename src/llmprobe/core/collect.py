@@ -331,8 +331,8 @@ class _HeadReached(Exception):
 
 def _head_to_skip(lm_model: torch.nn.Module, plan: dict[str, LinearSite], backward: bool) -> torch.nn.Module | None:
     """The output head, where a pass may stop as it is reached: forward only (no loss needs the
-    logits) and the head not hooked itself. Every other module of a causal LM runs before it, so
-    each hooked module has seen the whole window by then. The head is the largest single matrix
+    logits), the head not hooked itself, and (checked as the head is reached) every hooked module
+    already run in this pass — in a causal LM they all run before the head. The head is the largest single matrix
     product of a small model (SmolLM2-135M: 28M of its 135M weights, about a fifth of the
     forward's arithmetic). A model that computes its logits without calling the head module never
     reaches the hook and simply runs to the end."""
@@ -495,6 +495,7 @@ def collect(lm_model: torch.nn.Module, mmap: ModuleMap, sites: Sequence[LinearSi
         return rows.float()
 
     def deliver(key: str, x: torch.Tensor, grad: torch.Tensor | None = None) -> None:
+        state["delivered"].add(key)
         x = kept_rows(x)
         g = None if grad is None else kept_rows(grad)
         if rotate is not None:
@@ -551,7 +552,10 @@ def collect(lm_model: torch.nn.Module, mmap: ModuleMap, sites: Sequence[LinearSi
         head = _head_to_skip(lm_model, plan, backward)
         if head is not None:
             def stop(module, args):
-                raise _HeadReached
+                # Only once every hooked module has run in this pass: a module that runs after
+                # the head, or a mixture-of-experts expert that got no token, lets it finish.
+                if len(state["delivered"]) == len(plan):
+                    raise _HeadReached
             handles.append(head.register_forward_pre_hook(stop))
         if backward:
             for p in lm_model.parameters():
@@ -575,6 +579,7 @@ def collect(lm_model: torch.nn.Module, mmap: ModuleMap, sites: Sequence[LinearSi
             state["window"] = (torch.arange(start, start + b).unsqueeze(1).expand(b, length))[keep]
             state["position"] = torch.arange(length).unsqueeze(0).expand(b, length)[keep]
             state["windows"] = _kept_window_rows(start, keep.sum(dim=1).tolist())
+            state["delivered"] = set()
             inputs = ids.to(device)
             if backward:
                 with torch.enable_grad():
