@@ -162,24 +162,20 @@ class Batch:
         return torch.from_numpy(sse)
 
 
-def _kept_window_rows(first_window: int, kept_per_window: list[int]) -> list[tuple[int, slice]]:
-    """(window, its rows) of a batch of windows numbered from ``first_window``, each keeping
-    that many tokens; windows with no token kept have no rows and are left out."""
+def _contiguous_rows(windows_and_counts) -> list[tuple[int, slice]]:
+    """(window, its rows) for consecutive runs of rows, given (window, row count) in order; a
+    window with no rows is left out."""
     rows, start = [], 0
-    for offset, count in enumerate(kept_per_window):
+    for window, count in windows_and_counts:
         if count:
-            rows.append((first_window + offset, slice(start, start + count)))
+            rows.append((int(window), slice(start, start + count)))
             start += count
     return rows
 
 
 def _window_rows(batch: Batch) -> list[tuple[int, slice]]:
     window_ids, counts = torch.unique_consecutive(batch.window, return_counts=True)
-    rows, start = [], 0
-    for window, count in zip(window_ids.tolist(), counts.tolist()):
-        rows.append((window, slice(start, start + count)))
-        start += count
-    return rows
+    return _contiguous_rows(zip(window_ids.tolist(), counts.tolist()))
 
 
 class Collector(Protocol):
@@ -332,10 +328,10 @@ class _HeadReached(Exception):
 def _head_to_skip(lm_model: torch.nn.Module, plan: dict[str, LinearSite], backward: bool) -> torch.nn.Module | None:
     """The output head, where a pass may stop as it is reached: forward only (no loss needs the
     logits), the head not hooked itself, and (checked as the head is reached) every hooked module
-    already run in this pass — in a causal LM they all run before the head. The head is the largest single matrix
-    product of a small model (SmolLM2-135M: 28M of its 135M weights, about a fifth of the
-    forward's arithmetic). A model that computes its logits without calling the head module never
-    reaches the hook and simply runs to the end."""
+    already run in this pass — in a causal LM they all run before the head. The head is the
+    largest single matrix product of a small model (SmolLM2-135M: 28M of its 135M weights, about
+    a fifth of the forward's arithmetic). A model that computes its logits without calling the
+    head module never reaches the hook and simply runs to the end."""
     if backward:
         return None
     head = output_head(lm_model)
@@ -578,7 +574,7 @@ def collect(lm_model: torch.nn.Module, mmap: ModuleMap, sites: Sequence[LinearSi
             state["ids"] = ids[keep]
             state["window"] = (torch.arange(start, start + b).unsqueeze(1).expand(b, length))[keep]
             state["position"] = torch.arange(length).unsqueeze(0).expand(b, length)[keep]
-            state["windows"] = _kept_window_rows(start, keep.sum(dim=1).tolist())
+            state["windows"] = _contiguous_rows(zip(range(start, start + b), keep.sum(dim=1).tolist()))
             state["delivered"] = set()
             inputs = ids.to(device)
             if backward:

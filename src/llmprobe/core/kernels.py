@@ -87,7 +87,8 @@ def _activation_stats(x, x_bits, window_starts, qmax, window_sums, rows, row_pea
                 # |x| as its bit pattern: the sign bit cleared. Non-negative floats order like
                 # their patterns, and every NaN lies above inf, so an integer maximum is max|x|
                 # with NaN winning, as torch.amax; and it vectorizes, which a float max with a
-                # NaN test does not.
+                # NaN test does not. np.bitwise_and and np.maximum keep int32, where & and max
+                # would widen to int64 and halve the vector width.
                 magnitude = np.bitwise_and(x_bits[row, feature], mask)
                 peak = np.maximum(peak, magnitude)
                 column_peak_bits[feature] = np.maximum(column_peak_bits[feature], magnitude)
@@ -132,7 +133,6 @@ def _matrix(x) -> np.ndarray:
     if array.ndim != 2 or array.dtype != np.float32:
         raise ValueError(f"expected a 2-D fp32 matrix, got {array.dtype} of shape {array.shape}")
     return np.ascontiguousarray(array)
-
 
 
 @dataclass
